@@ -1,0 +1,225 @@
+"""train_policy.py: features, pricing, table tensors, the two gradient estimators, the
+primal-dual loop, determinism, the policy file and one-line errors."""
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_policy as tp  # noqa: E402
+from rollout import UsageError  # noqa: E402
+from synthetic import POOL, make_records, run_parallel, write_jsonl  # noqa: E402
+
+torch.set_num_threads(1)
+FLOPS = SimpleNamespace(prompt_cost=0.0, price_small=None, price_large=None)
+
+
+def table_of(records, args=FLOPS):
+    return tp.build_table(records, tp.pricing_from_args(args, records))
+
+
+def step(tokens, mlp=-0.1, minlp=-1.0, ment=0.5, maxent=2.0, text="x\n\n"):
+    return {"text": text, "tokens": tokens, "mean_logprob": mlp, "min_logprob": minlp,
+            "mean_entropy": ment, "max_entropy": maxent}
+
+
+def record(qid, steps, esc, small_correct, prompt=10, pool=POOL):
+    """esc: list of (tokens, correct) for escalations after k = 0..n-1 steps."""
+    cum = [0]
+    for s in steps:
+        cum.append(cum[-1] + s["tokens"])
+    return {"schema": 1, "id": qid, "question": "q", "gold": "1", "pool": pool,
+            "small": {"prompt_tokens": prompt, "steps": steps, "answer": "1" if small_correct else None,
+                      "correct": small_correct, "finished": True},
+            "escalations": [{"after": k, "prompt_tokens": prompt + cum[k], "tokens": tok, "text": "",
+                             "answer": "1" if ok else "2", "correct": ok, "finished": True}
+                            for k, (tok, ok) in enumerate(esc)]}
+
+
+def test_state_features_by_name():
+    steps = [step(5, -0.2, -3.0, 0.4, 1.5), step(7, -0.5, -2.0, 0.9, 1.0),
+             step(9, -0.3, -4.0, 0.1, 3.0, text="so \\boxed{4}")]
+    f1 = dict(zip(tp.FEATURE_NAMES, tp.state_features(30, steps[:1], ended=False)))
+    assert f1["step"] == 1 and f1["tokens_so_far"] == 5 and f1["prompt_tokens"] == 30
+    assert f1["prev_min_mean_logprob"] == 0.0 and f1["prev_max_max_entropy"] == 0.0  # t = 1
+    assert f1["draft_has_boxed"] == 0.0 and f1["ended"] == 0.0
+    f3 = dict(zip(tp.FEATURE_NAMES, tp.state_features(30, steps, ended=True)))
+    assert f3["draft_mean_logprob"] == -0.3 and f3["draft_min_logprob"] == -4.0
+    assert f3["draft_mean_entropy"] == pytest.approx(0.1) and f3["draft_max_entropy"] == 3.0
+    assert f3["draft_tokens"] == 9 and f3["step"] == 3 and f3["tokens_so_far"] == 21
+    assert f3["prev_min_mean_logprob"] == -0.5 and f3["prev_min_min_logprob"] == -3.0
+    assert f3["prev_max_mean_entropy"] == 0.9 and f3["prev_max_max_entropy"] == 1.5
+    assert f3["draft_has_boxed"] == 1.0 and f3["ended"] == 1.0
+    assert len(f3) == len(tp.FEATURE_NAMES)
+
+
+def test_table_costs_by_hand():
+    # small params 1e9 -> 2e9 FLOPs per generated token, large 7e9 -> 1.4e10; R = 0.5
+    recs = [record("a", [step(10), step(20)], [(100, True), (50, False)], small_correct=False),
+            record("b", [], [], small_correct=True, prompt=8)]
+    args = SimpleNamespace(prompt_cost=0.5, price_small=None, price_large=None)
+    t = table_of(recs, args)
+    s, l = 2e9, 14e9
+    assert t.mask.tolist() == [[True, True], [False, False]] and t.n_steps.tolist() == [2, 0]
+    # escalate at step 1: small step 1 (10) + small prompt 10, large 100 tokens + prompt 10
+    assert t.esc_cost[0, 0].item() == pytest.approx(s * 10 + 0.5 * s * 10 + l * 100 + 0.5 * l * 10)
+    # escalate at step 2: small steps 1..2 (30) + prompt, large 50 tokens + prompt 10+10
+    assert t.esc_cost[0, 1].item() == pytest.approx(s * 30 + 0.5 * s * 10 + l * 50 + 0.5 * l * 20)
+    assert t.small_cost[0].item() == pytest.approx(s * 30 + 0.5 * s * 10)
+    assert t.large_cost[0].item() == pytest.approx(l * 100 + 0.5 * l * 10)   # no small cost
+    assert t.esc_correct[0].tolist() == [1.0, 0.0] and t.large_correct.tolist() == [1.0, 1.0]
+    # n = 0: the large outcome is the small one, all-large cost = small cost
+    assert t.large_cost[1].item() == t.small_cost[1].item() == pytest.approx(0.5 * s * 8)
+    assert t.large_tokens[1].item() == 0 and t.small_correct[1].item() == 1.0
+    # dollar prices replace FLOPs
+    d = table_of(recs, SimpleNamespace(prompt_cost=0.0, price_small=[1.0, 2.0], price_large=[3.0, 4.0]))
+    assert d.esc_cost[0, 1].item() == pytest.approx(2 * 30 + 1 * 10 + 4 * 50 + 3 * 20)
+    assert d.pricing.unit == "dollars"
+
+
+def test_one_pool_per_table():
+    other = {"small": {"model": "s", "params": 1}, "large": {"model": "l", "params": 2}}
+    recs = [record("a", [step(1)], [(1, True)], True), record("b", [step(1)], [(1, True)], True, pool=other)]
+    with pytest.raises(UsageError, match="'b'"):
+        table_of(recs)
+
+
+def test_escalation_distribution():
+    p = torch.tensor([[0.5, 0.2, 0.9], [0.3, 0.7, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    p_esc, p_never = tp.escalation_distribution(p, mask)
+    assert p_esc[0].tolist() == pytest.approx([0.5, 0.5 * 0.2, 0.5 * 0.8 * 0.9])
+    assert p_never[0].item() == pytest.approx(0.5 * 0.8 * 0.1)
+    assert p_esc[1].tolist() == pytest.approx([0.3, 0.0, 0.0]) and p_never[1].item() == pytest.approx(0.7)
+    assert (p_esc.sum(-1) + p_never).tolist() == pytest.approx([1.0, 1.0])
+
+
+def small_setup(n=64, seed=5):
+    tab = table_of(make_records(n, seed))
+    torch.manual_seed(0)
+    pol = tp.Policy()
+    pol.fit_normalisation(tab.features, tab.mask)
+    return tab, pol
+
+
+def test_reinforce_gradient_matches_exact_on_average():
+    tab, pol = small_setup()
+    correct, cost = tp.episode_values(tab)
+
+    def grad(estimator, gen=None):
+        pol.zero_grad()
+        loss, _ = tp.lagrangian(pol, tab.features, tab.mask, correct, cost, 1.3, 0.9,
+                                estimator, 16, gen)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in pol.parameters()]).clone()
+
+    exact = grad("exact")
+    gen = torch.Generator().manual_seed(1)
+    mean = torch.stack([grad("reinforce", gen) for _ in range(200)]).mean(0)  # 3,200 episodes/question
+    # measured: relative error ~1% at 200 draws; a wrong sign or a biased baseline fails this
+    assert ((mean - exact).norm() / exact.norm()).item() < 0.05
+    assert torch.nn.functional.cosine_similarity(mean, exact, 0).item() > 0.995
+
+
+def exact_lagrangian(pol, tab, lam, target):
+    correct, cost = tp.episode_values(tab)
+    with torch.no_grad():
+        return tp.lagrangian(pol, tab.features, tab.mask, correct, cost, lam, target, "exact")[0].item()
+
+
+@pytest.mark.parametrize("estimator", ["reinforce", "exact"])
+def test_training_improves_lagrangian(estimator):
+    tab = table_of(make_records(300, 7))
+    kw = dict(iters=150, lambda_lr=0.0, lambda_init=2.0, estimator=estimator, seed=3)
+    before, _ = tp.train(tab, 0.9, **{**kw, "iters": 0})
+    after, lam = tp.train(tab, 0.9, **kw)
+    assert lam == 2.0
+    l0, l1 = exact_lagrangian(before, tab, 2.0, 0.9), exact_lagrangian(after, tab, 2.0, 0.9)
+    assert l1 < l0 - 0.1, (l0, l1)
+
+
+def test_lambda_follows_the_constraint():
+    tab = table_of(make_records(200, 8))
+    up, down = [], []
+    tp.train(tab, 1.0, iters=40, lambda_lr=0.5, log=up.append)        # accuracy < 1: lambda rises
+    lams = [h["lambda"] for h in up]
+    assert all(h["accuracy"] < 1.0 for h in up) and all(b > a for a, b in zip(lams, lams[1:]))
+    tp.train(tab, 0.0, iters=40, lambda_lr=0.5, lambda_init=1.0, log=down.append)  # over target
+    lams = [h["lambda"] for h in down]
+    assert all(b <= a for a, b in zip(lams, lams[1:])) and lams[-1] == 0.0
+
+
+def test_main_outputs_and_determinism(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", make_records(300, 9))
+    common = ["--train", data, "--target-relative", "0.97", "--iters", "60", "--seed", "4"]
+    assert tp.main([*common, "--out", str(tmp_path / "a" / "policy.pt")]) == 0
+    assert tp.main([*common, "--out", str(tmp_path / "b" / "policy.pt")]) == 0
+    assert tp.main([*common[:-1], "5", "--out", str(tmp_path / "c" / "policy.pt")]) == 0
+    a, b, c = (tp.load_policy(tmp_path / d / "policy.pt") for d in "abc")
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    log = [json.loads(line) for line in (tmp_path / "a" / "policy.log.jsonl").read_text().splitlines()]
+    assert len(log) == 60 and set(log[0]) >= {"iter", "lambda", "accuracy", "cost", "loss"}
+    assert (tmp_path / "a" / "policy.curve.png").stat().st_size > 1000
+    assert a.meta["target_spec"] == {"relative": 0.97} and a.meta["pool"] == POOL
+    assert a.feature_names == tp.FEATURE_NAMES
+    assert "trained 60 iterations in" in capsys.readouterr().out
+
+
+def test_feature_subset_and_policy_file_errors(tmp_path):
+    tab = table_of(make_records(50, 10))
+    pol, _ = tp.train(tab, 0.9, iters=5, features=["draft_max_entropy", "step"])
+    tp.save_policy(tmp_path / "p.pt", pol, {"x": 1})
+    back = tp.load_policy(tmp_path / "p.pt")
+    assert back.feature_names == ["draft_max_entropy", "step"] and back.meta == {"x": 1}
+    assert torch.equal(back(tab.features), pol(tab.features))   # raw full feature vectors in
+    with pytest.raises(UsageError, match="no such policy file"):
+        tp.load_policy(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UsageError, match="junk.pt: not a readable policy file"):
+        tp.load_policy(tmp_path / "junk.pt")
+    blob = torch.load(tmp_path / "p.pt", weights_only=True)
+    blob["feature_names"] = ["draft_max_entropy", "prm_score"]
+    torch.save(blob, tmp_path / "future.pt")
+    with pytest.raises(UsageError, match="does not compute: prm_score"):
+        tp.load_policy(tmp_path / "future.pt")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target-accuracy", "1.5"], "--target-accuracy must be in"),
+    (["--target-relative", "0.9", "--lr", "0"], "--lr must be in"),
+    (["--target-relative", "0.9", "--episodes", "1"], "--episodes must be in"),
+    (["--target-relative", "0.9", "--features", "step,nope"], "--features: unknown nope"),
+    (["--target-relative", "0.9", "--price-small", "1", "2"], "go together"),
+    ([], "one of the arguments --target-accuracy --target-relative is required"),
+])
+def test_bad_flags_raise_usage_error(tmp_path, argv, message):
+    data = write_jsonl(tmp_path / "t.jsonl", make_records(5, 1))
+    with pytest.raises(UsageError, match=message):
+        tp.main(["--train", data, "--out", str(tmp_path / "p.pt"), *argv])
+
+
+def test_bad_tables_exit_2_with_one_line(tmp_path):
+    good = json.dumps(make_records(1, 0)[0])
+    (tmp_path / "schema2.jsonl").write_text(good.replace('"schema": 1', '"schema": 2') + "\n")
+    (tmp_path / "badline.jsonl").write_text(good + "\n" + good.replace("syn/0", "syn/1")[:-5] + "\n")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "nosteps.jsonl").write_text(json.dumps(record("z", [], [], True)) + "\n")
+    cases = {"schema2": "schema 2, this code reads schema 1", "badline": "badline.jsonl:2: not valid JSON",
+             "empty": "the table has no questions", "nosteps": "no small steps"}
+    results = run_parallel([["train_policy.py", "--train", str(tmp_path / f"{name}.jsonl"),
+                             "--target-relative", "0.9", "--out", str(tmp_path / f"{name}.pt"),
+                             "--prompt-cost", "1"]    # else the n = 0 table's all-large cost is 0
+                            for name in cases], cwd=ROOT)
+    for (name, message), res in zip(cases.items(), results):
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, (name, res.stderr)
+        assert lines[0].startswith("train_policy.py: error: ") and message in lines[0], lines[0]
