@@ -75,6 +75,26 @@ def make_records(n_questions: int, seed: int = 0, *, min_steps=2, max_steps=8, p
     return records
 
 
+def step(tokens, mlp=-0.1, minlp=-1.0, ment=0.5, maxent=2.0, text="x\n\n"):
+    return {"text": text, "tokens": tokens, "mean_logprob": mlp, "min_logprob": minlp,
+            "mean_entropy": ment, "max_entropy": maxent}
+
+
+def record(qid, steps, esc, small_correct, prompt=10, pool=POOL, finished=True):
+    """A hand-built record; esc: list of (tokens, correct) for escalations after k = 0..n-1
+    steps. A wrong small answer is null when the solution was cut off (finished=False)."""
+    cum = [0]
+    for s in steps:
+        cum.append(cum[-1] + s["tokens"])
+    return {"schema": 1, "id": qid, "question": "q", "gold": "1", "pool": pool,
+            "small": {"prompt_tokens": prompt, "steps": steps,
+                      "answer": "1" if small_correct else ("2" if finished else None),
+                      "correct": small_correct, "finished": finished},
+            "escalations": [{"after": k, "prompt_tokens": prompt + cum[k], "tokens": tok, "text": "",
+                             "answer": "1" if ok else "2", "correct": ok, "finished": True}
+                            for k, (tok, ok) in enumerate(esc)]}
+
+
 def write_jsonl(path, records: list[dict]) -> str:
     with open(path, "w", encoding="utf-8") as f:
         for rec in records:

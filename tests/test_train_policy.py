@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_policy as tp  # noqa: E402
 from rollout import UsageError  # noqa: E402
-from synthetic import POOL, make_records, run_parallel, write_jsonl  # noqa: E402
+from synthetic import POOL, make_records, record, run_parallel, step, write_jsonl  # noqa: E402
 
 torch.set_num_threads(1)
 FLOPS = SimpleNamespace(prompt_cost=0.0, price_small=None, price_large=None)
@@ -23,24 +23,6 @@ FLOPS = SimpleNamespace(prompt_cost=0.0, price_small=None, price_large=None)
 
 def table_of(records, args=FLOPS):
     return tp.build_table(records, tp.pricing_from_args(args, records))
-
-
-def step(tokens, mlp=-0.1, minlp=-1.0, ment=0.5, maxent=2.0, text="x\n\n"):
-    return {"text": text, "tokens": tokens, "mean_logprob": mlp, "min_logprob": minlp,
-            "mean_entropy": ment, "max_entropy": maxent}
-
-
-def record(qid, steps, esc, small_correct, prompt=10, pool=POOL):
-    """esc: list of (tokens, correct) for escalations after k = 0..n-1 steps."""
-    cum = [0]
-    for s in steps:
-        cum.append(cum[-1] + s["tokens"])
-    return {"schema": 1, "id": qid, "question": "q", "gold": "1", "pool": pool,
-            "small": {"prompt_tokens": prompt, "steps": steps, "answer": "1" if small_correct else None,
-                      "correct": small_correct, "finished": True},
-            "escalations": [{"after": k, "prompt_tokens": prompt + cum[k], "tokens": tok, "text": "",
-                             "answer": "1" if ok else "2", "correct": ok, "finished": True}
-                            for k, (tok, ok) in enumerate(esc)]}
 
 
 def test_state_features_by_name():
@@ -213,12 +195,16 @@ def test_bad_tables_exit_2_with_one_line(tmp_path):
     (tmp_path / "badline.jsonl").write_text(good + "\n" + good.replace("syn/0", "syn/1")[:-5] + "\n")
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "nosteps.jsonl").write_text(json.dumps(record("z", [], [], True)) + "\n")
-    cases = {"schema2": "schema 2, this code reads schema 1", "badline": "badline.jsonl:2: not valid JSON",
-             "empty": "the table has no questions", "nosteps": "no small steps"}
-    results = run_parallel([["train_policy.py", "--train", str(tmp_path / f"{name}.jsonl"),
-                             "--target-relative", "0.9", "--out", str(tmp_path / f"{name}.pt"),
-                             "--prompt-cost", "1"]    # else the n = 0 table's all-large cost is 0
-                            for name in cases], cwd=ROOT)
+    argv = lambda name: ["--train", str(tmp_path / f"{name}.jsonl"), "--target-relative", "0.9",
+                         "--out", str(tmp_path / f"{name}.pt"),
+                         "--prompt-cost", "1"]    # else the n = 0 table's all-large cost is 0
+    with pytest.raises(UsageError, match="empty.jsonl: the table has no questions"):
+        tp.main(argv("empty"))
+    with pytest.raises(UsageError, match="no small steps"):
+        tp.main(argv("nosteps"))
+    cases = {"schema2": "schema2.jsonl:1: schema 2, this code reads schema 1",
+             "badline": "badline.jsonl:2: not valid JSON"}
+    results = run_parallel([["train_policy.py", *argv(name)] for name in cases], cwd=ROOT)
     for (name, message), res in zip(cases.items(), results):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, (name, res.stderr)
