@@ -26,6 +26,10 @@ The method, top to bottom:
    lambda >= 0 by dual ascent while the batch accuracy is under the target (it falls when
    over). `--estimator exact` instead differentiates the closed-form expectation, with
    P(escalate at t) = p_t * prod_{s<t} (1 - p_s) and P(never) = prod_s (1 - p_s).
+   A small penalty on the squared logits (`--logit-l2`) keeps the policy stochastic: without
+   it the logits drift to +-30 or more (Adam keeps pushing saturated sigmoids), exploration
+   dies on the states that were "never escalate" during a low-lambda phase, and on some
+   seeds the final policy ranks states badly; it also keeps p away from 1 in float64.
 
 Run it (exactly one of --target-accuracy / --target-relative):
 
@@ -69,8 +73,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def make_parser(doc: str) -> ArgumentParser:
-    first, _, rest = doc.partition("\n")
-    return ArgumentParser(description=first, epilog=rest.split("\n\n", 1)[0] if rest else None,
+    """A parser whose description is the docstring's first line and whose epilog is the
+    docstring's indented example command."""
+    lines = doc.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.lstrip().startswith("python ")), None)
+    epilog = None
+    if start is not None:
+        block = [lines[start]]
+        while start + len(block) < len(lines) and lines[start + len(block)].startswith("        "):
+            block.append(lines[start + len(block)])
+        epilog = "example:\n" + "\n".join(block)
+    return ArgumentParser(description=lines[0], epilog=epilog,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
@@ -390,18 +403,20 @@ def episode_values(table: Table):
 
 
 def lagrangian(policy, features, mask, correct, cost, lam, target, estimator="exact",
-               episodes=8, generator=None):
+               episodes=8, generator=None, logit_l2=0.0):
     """A loss whose gradient is (an estimate of) grad_theta of mean_q L_q(theta, lambda),
-    L_q = E[cost_q] - lambda * (E[correct_q] - target). Returns (loss, stats)."""
+    L_q = E[cost_q] - lambda * (E[correct_q] - target), plus logit_l2 * mean z^2 over valid
+    steps (z = logit p). Returns (loss, stats)."""
     T = mask.shape[-1]
     z = policy.logits(features)                                       # [B,T]
+    penalty = logit_l2 * (z.square() * mask).sum() / mask.sum().clamp(min=1)
     if estimator == "exact":
         p_esc, p_never = escalation_distribution(torch.sigmoid(z), mask)
         e_correct = (p_esc * correct[:, :T]).sum(-1) + p_never * correct[:, T]
         e_cost = (p_esc * cost[:, :T]).sum(-1) + p_never * cost[:, T]
-        loss = (e_cost - lam * (e_correct - target)).mean()
-        return loss, {"accuracy": e_correct.mean().item(), "cost": e_cost.mean().item(),
-                      "loss": loss.item()}
+        lagr = (e_cost - lam * (e_correct - target)).mean()
+        return lagr + penalty, {"accuracy": e_correct.mean().item(), "cost": e_cost.mean().item(),
+                                "loss": lagr.item()}
     # REINFORCE: `episodes` sampled episodes per question, leave-one-out baseline.
     B = z.shape[0]
     with torch.no_grad():
@@ -416,7 +431,7 @@ def lagrangian(policy, features, mask, correct, cost, lam, target, estimator="ex
     accepted = (steps < first[..., None]) & mask[:, None, :]           # [B,E,T]
     logp = (F.logsigmoid(-z)[:, None, :] * accepted).sum(-1)
     logp = logp + torch.where(first < T, F.logsigmoid(z).gather(1, first.clamp(max=T - 1)), 0.0)
-    loss = (adv * logp).mean()
+    loss = (adv * logp).mean() + penalty
     return loss, {"accuracy": ep_correct.mean().item(), "cost": ep_cost.mean().item(),
                   "loss": ell.mean().item()}
 
@@ -437,7 +452,7 @@ def resolve_target(args, table: Table) -> tuple[float, dict]:
 
 def train(table: Table, target: float, *, hidden=(64, 64), activation="tanh", iters=600,
           batch_size=256, lr=1e-2, lambda_lr=0.5, lambda_init=1.0, estimator="reinforce",
-          episodes=8, seed=0, features=FEATURE_NAMES, log=None) -> tuple[Policy, float]:
+          episodes=8, logit_l2=1e-2, seed=0, features=FEATURE_NAMES, log=None) -> tuple[Policy, float]:
     """Primal-dual training. Returns the policy and the final lambda. `log(dict)` per iter."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -451,7 +466,7 @@ def train(table: Table, target: float, *, hidden=(64, 64), activation="tanh", it
     for it in range(iters):
         idx = torch.randint(table.Q, (batch_size,), generator=gen)
         loss, stats = lagrangian(policy, table.features[idx], table.mask[idx], correct[idx],
-                                 cost[idx], lam, target, estimator, episodes, gen)
+                                 cost[idx], lam, target, estimator, episodes, gen, logit_l2)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -508,6 +523,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
     parser.add_argument("--lambda-lr", type=float, default=0.5, help="dual ascent step on lambda (default 0.5)")
     parser.add_argument("--lambda-init", type=float, default=1.0, help="initial lambda >= 0 (default 1.0)")
+    parser.add_argument("--logit-l2", type=float, default=1e-2, metavar="C",
+                        help="penalty C * mean logit^2 that keeps the policy stochastic, so it keeps "
+                             "exploring and its probabilities stay distinct (default 1e-2)")
     parser.add_argument("--estimator", choices=["reinforce", "exact"], default="reinforce",
                         help="REINFORCE on sampled episodes, or the closed-form expectation")
     parser.add_argument("--seed", type=int, default=0)
@@ -520,6 +538,7 @@ def main(argv=None):
     check_range("--lr", args.lr, 0.0, None, lo_open=True)
     check_range("--lambda-lr", args.lambda_lr, 0.0)
     check_range("--lambda-init", args.lambda_init, 0.0)
+    check_range("--logit-l2", args.logit_l2, 0.0)
     if any(h < 1 for h in args.hidden):
         raise UsageError(f"--hidden widths must be >= 1, got {args.hidden}")
     features = [f.strip() for f in args.features.split(",") if f.strip()]
