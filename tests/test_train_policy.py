@@ -1,7 +1,6 @@
 """train_policy.py: features, pricing, table tensors, the two gradient estimators, the
 primal-dual loop, determinism, the policy file and one-line errors."""
 import json
-import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
