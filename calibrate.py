@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from rollout import UsageError, run_cli
-from train_policy import (Table, add_pricing_args, add_target_args, check_range, load_policy,
-                          load_table, make_parser, policy_probs, resolve_target)
+from rollout import UsageError, check_range, make_parser, run_cli
+from train_policy import (Table, add_pricing_args, add_target_args, load_policy,
+                          load_table, policy_probs, resolve_target)
 
 
 # ----------------------------------------------------------------------------------------
@@ -104,7 +104,6 @@ def sweep(table: Table, scores: torch.Tensor, thresholds: torch.Tensor) -> dict:
     v_{route} = v_never + sum over valid t with m_t >= kappa of D_t. So each sum over
     questions is a suffix sum over all (m_t, D_t) pairs sorted by m_t.
     """
-    T = table.T
     running = torch.cummax(torch.where(table.mask, scores.double(), -math.inf), 1).values
     order = torch.argsort(running[table.mask])
     m = running[table.mask][order]

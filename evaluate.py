@@ -53,9 +53,9 @@ import torch
 
 from calibrate import (aggregate, first_crossing, format_kappa, load_calibration, route_outcomes,
                        sha256, warn_pool)
-from rollout import UsageError, run_cli
-from train_policy import (FEATURE_NAMES, Table, add_pricing_args, check_range, escalation_distribution,
-                          load_policy, load_table, make_parser, policy_probs)
+from rollout import UsageError, check_range, make_parser, run_cli
+from train_policy import (FEATURE_NAMES, Table, add_pricing_args, escalation_distribution,
+                          load_policy, load_table, policy_probs)
 
 # method -> (feature, sign): escalate at the first step with sign * stat >= sign * tau
 HANDCRAFTED = {"mean_logprob": ("draft_mean_logprob", -1), "min_logprob": ("draft_min_logprob", -1),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -55,6 +56,40 @@ def run_cli(main, argv=None) -> None:
         print(f"{prog}: interrupted; finished lines are kept, run again to resume", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Command-line plumbing shared by every stage: a bad flag is one line and exit code 2.
+# ----------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes raise UsageError (one line via run_cli) instead of usage spam."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def make_parser(doc: str) -> ArgumentParser:
+    """A parser whose description is the docstring's first line and whose epilog is the
+    docstring's indented example command."""
+    lines = doc.splitlines()
+    start = next((i for i, l in enumerate(lines) if l.lstrip().startswith("python ")), None)
+    epilog = None
+    if start is not None:
+        block = [lines[start]]
+        while start + len(block) < len(lines) and lines[start + len(block)].startswith("        "):
+            block.append(lines[start + len(block)])
+        epilog = "example:\n" + "\n".join(block)
+    return ArgumentParser(description=lines[0], epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def check_range(name: str, value, lo=None, hi=None, lo_open=False):
+    """Raise UsageError unless lo <= value <= hi (lo < value with lo_open)."""
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad or (isinstance(value, float) and math.isnan(value)):
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise UsageError(f"{name} must be in {rng}, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------
@@ -396,7 +431,6 @@ def resolve_device(device: str) -> str:
 
 def load_lm(spec: str, device: str = "auto", dtype: str = "auto") -> LM:
     """Load a hub id, a local model folder, or a .gguf file, ready for greedy decoding."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -597,56 +631,60 @@ def generate_all(lm: LM, prompts: list, max_new_tokens: int, batch_size: int,
 
 class StepDrafter:
     """Greedy decoding of one sequence, one step at a time, for live routing (route.py).
-    The KV cache carries over between steps: each token is encoded exactly once. The
-    steps it yields are the ones split_steps() cuts from a one-shot generation."""
+    The KV cache carries over between steps, so each token is encoded exactly once, and
+    the next token's logits are always computed ahead: right after a step, `ended` already
+    knows whether the solution stops there (as the table's last step does). The steps it
+    yields are the ones split_steps() cuts from a one-shot generation."""
 
     def __init__(self, lm: LM, prompt_ids: list, max_new_tokens: int):
+        import inspect
         from transformers import DynamicCache
         self.lm, self.budget = lm, max_new_tokens
         self.cache = DynamicCache(config=lm.model.config)
-        self.pending = list(prompt_ids)  # ids not yet in the cache
+        # transformers 5 names the cache argument `cache`; 4.x named it `past_key_values`
+        self.cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters \
+            else "past_key_values"
         self.seen = 0  # tokens in the cache
         self.generated = 0
         self.solution_ids, self.solution_text = [], ""  # what the drafter has written
-        self.finished = False  # a stop token was generated
+        self.logits = self._feed(list(prompt_ids))  # next-token logits
+
+    def _feed(self, ids: list):
+        import torch
+        pos = torch.arange(self.seen, self.seen + len(ids), device=self.lm.device)
+        with torch.inference_mode():
+            out = self.lm.model(input_ids=torch.tensor([ids], device=self.lm.device),
+                                use_cache=True, position_ids=pos[None], logits_to_keep=1,
+                                **{self.cache_arg: self.cache})
+        self.seen += len(ids)
+        return out.logits[:, -1]
 
     @property
     def ended(self) -> bool:
-        return self.finished or self.generated >= self.budget
+        """The solution is over: the next token is a stop token, or the budget is spent."""
+        return self.generated >= self.budget or int(self.logits.argmax(-1)) in self.lm.stop_ids
 
     def next_step(self) -> dict | None:
         """Generate the next step; None once the solution has ended. The step dict holds
         text, tokens, the token statistics of split_steps() and the token ids."""
-        import torch
-        if self.ended:
-            return None
-        lm, flags = self.lm, newline_flags(self.lm)
+        flags = newline_flags(self.lm)
         ids, lps, ents, prev = [], [], [], None
-        with torch.inference_mode():
-            while self.generated < self.budget:
-                x = torch.tensor([self.pending], device=lm.device)
-                pos = torch.arange(self.seen, self.seen + len(self.pending), device=lm.device)
-                logits = lm.model(input_ids=x, past_key_values=self.cache, use_cache=True,
-                                  position_ids=pos[None], cache_position=pos,
-                                  logits_to_keep=1).logits[:, -1]
-                self.seen += len(self.pending)
-                lp, ent = token_stats(logits)
-                tok = int(logits.argmax(dim=-1))
-                if tok in lm.stop_ids:
-                    self.finished = True
-                    break
-                ids.append(tok)
-                lps.append(float(lp))
-                ents.append(float(ent))
-                self.generated += 1
-                self.pending = [tok]
-                if ends_step(flags, prev, tok):
-                    break
-                prev = tok
+        while not self.ended:
+            lp, ent = token_stats(self.logits)
+            tok = int(self.logits.argmax(dim=-1))
+            ids.append(tok)
+            lps.append(float(lp))
+            ents.append(float(ent))
+            self.generated += 1
+            if self.generated < self.budget:  # else the token is never needed as input
+                self.logits = self._feed([tok])
+            if ends_step(flags, prev, tok):
+                break
+            prev = tok
         if not ids:
             return None
         self.solution_ids += ids
-        text, self.solution_text = decode_more(lm.tokenizer, self.solution_ids,
+        text, self.solution_text = decode_more(self.lm.tokenizer, self.solution_ids,
                                                self.solution_text, ids)
         return {**make_step(text, lps, ents), "ids": ids}
 
@@ -712,7 +750,7 @@ def check_resumable(out: Path, pool: dict) -> set:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Record exact step trajectories: the small model's solution split into "
                     "steps, and the large model's continuation after every prefix.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

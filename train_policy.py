@@ -59,41 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rollout import UsageError, read_table, run_cli
-
-
-# ----------------------------------------------------------------------------------------
-# Command-line plumbing shared by the table stages: a bad flag is one line and exit code 2.
-# ----------------------------------------------------------------------------------------
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes raise UsageError (one line via run_cli) instead of usage spam."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-def make_parser(doc: str) -> ArgumentParser:
-    """A parser whose description is the docstring's first line and whose epilog is the
-    docstring's indented example command."""
-    lines = doc.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.lstrip().startswith("python ")), None)
-    epilog = None
-    if start is not None:
-        block = [lines[start]]
-        while start + len(block) < len(lines) and lines[start + len(block)].startswith("        "):
-            block.append(lines[start + len(block)])
-        epilog = "example:\n" + "\n".join(block)
-    return ArgumentParser(description=lines[0], epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def check_range(name: str, value, lo=None, hi=None, lo_open=False):
-    """Raise UsageError unless lo <= value <= hi (lo < value with lo_open)."""
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
-    if bad or (isinstance(value, float) and math.isnan(value)):
-        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-        raise UsageError(f"{name} must be in {rng}, got {value}")
-    return value
+from rollout import UsageError, check_range, make_parser, read_table, run_cli
 
 
 # ----------------------------------------------------------------------------------------
