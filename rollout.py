@@ -434,6 +434,7 @@ def load_lm(spec: str, device: str = "auto", dtype: str = "auto") -> LM:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     path = Path(spec).expanduser()

@@ -1,0 +1,219 @@
+"""rollout.py on a tiny real model pool (tests/tinymodel.py) and on hand-made inputs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import rollout
+from rollout import (StepDrafter, UsageError, encode_prompt, extract_answer, generate_batch,
+                     is_equivalent, load_questions, read_table, step_ends)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- grading
+@pytest.mark.parametrize("text, answer", [
+    ("so the answer is \\boxed{18}.", "18"),
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("\\fbox{7}", "7"),
+    ("she makes 9 * 2 = $18 a day.", "18"),
+    ("a total of 1,234 meters.", "1234"),
+    ("cut off inside \\boxed{\\frac{1}{", None),  # unbalanced box, no number before... see below
+    ("no answer here", None),
+])
+def test_extract_answer(text, answer):
+    if answer is None and "\\frac{1}{" in text:
+        assert extract_answer(text) == "1"  # the box is unbalanced: last-number fallback
+    else:
+        assert extract_answer(text) == answer
+
+
+@pytest.mark.parametrize("pred, gold, same", [
+    ("18", "18", True), ("18.0", "18", True), ("1,234", "1234", True), ("19", "18", False),
+    ("\\frac12", "\\frac{1}{2}", True), ("0.5", "\\frac{1}{2}", True),
+    ("\\dfrac{\\pi}{2}", "\\frac{\\pi}{2}", True), ("(3, \\frac{\\pi}{2})",
+                                                     "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+    ("x^2+2x+1", "(x+1)^2", True), ("\\sqrt{2}", "2", False), (None, "18", False),
+])
+def test_is_equivalent(pred, gold, same):
+    assert is_equivalent(pred, gold) is same
+
+
+# ---------------------------------------------------------------------------- datasets
+def test_offline_datasets_normalise_gold(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    q = load_questions("gsm8k", "test", limit=2)
+    assert q[0]["id"] == "gsm8k/test/0" and q[0]["gold"] == "18" and "Janet" in q[0]["question"]
+    assert load_questions("gsm8k", "train", limit=1, offset=5)[0]["id"] == "gsm8k/train/5"
+    m = load_questions("math500", "test", limit=1)[0]
+    assert m["gold"] == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    s = load_questions("svamp", "test", limit=1)[0]
+    assert s["gold"] == "145" and s["question"].endswith("How big is each group of bananas?")
+
+
+def test_omnimath_loader_on_fixture(monkeypatch):
+    rows = [{"domain": ["Algebra"], "difficulty": 5.0, "problem": "Find $x$ if $2x=6$.",
+             "solution": "...", "answer": "3", "source": "x"},
+            {"domain": ["Geometry"], "difficulty": 6.0, "problem": " Area? ",
+             "solution": "...", "answer": " \\frac{1}{2} ", "source": "y"}]
+    monkeypatch.setattr(rollout, "hub_rows", lambda spec, split: rows)
+    q = load_questions("omnimath", "test")
+    assert [x["gold"] for x in q] == ["3", "\\frac{1}{2}"]
+    assert q[1] == {"id": "omnimath/test/1", "dataset": "omnimath", "question": "Area?",
+                    "gold": "\\frac{1}{2}"}
+
+
+def test_omnimath_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UsageError, match="omnimath.*no local copy"):
+        load_questions("omnimath", "test")
+
+
+def test_jsonl_dataset(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"question": "1+1?", "answer": "#### 2"}\n\n{"question": "2+2?", "answer": 4}\n')
+    q = load_questions(str(f))
+    assert [(x["id"], x["gold"]) for x in q] == [("mine/test/0", "2"), ("mine/test/1", "4")]
+
+
+# ---------------------------------------------------------------------------- steps
+def test_step_ends_at_token_boundaries():
+    # token ids: 0 "a", 1 ".\n\n" (blank line inside a token), 2 "\n", 3 "b", 4 "\n\n\n", 5 "c\n"
+    flags = (frozenset({1, 4}), frozenset({2, 4}), frozenset({1, 2, 4, 5}))
+    assert step_ends(flags, [0, 1, 3, 2, 2, 3]) == [2, 5, 6]  # ".\n\n" | "b" "\n" "\n" | "b"
+    assert step_ends(flags, [3, 5, 2, 0]) == [3, 4]  # "c\n" then "\n" completes the blank line
+    assert step_ends(flags, [1, 2, 3]) == [1, 3]  # a "\n" right after a step starts the next
+    assert step_ends(flags, [4]) == [1]
+    assert step_ends(flags, []) == []
+
+
+# ---------------------------------------------------------------------------- tiny model
+def test_table_invariants(tiny_table, tiny_lms):
+    small, large = tiny_lms
+    records = tiny_table["records"]
+    assert len(records) == 8
+    assert any(len(r["small"]["steps"]) >= 3 for r in records)
+    for r in records:
+        steps, escs = r["small"]["steps"], r["escalations"]
+        assert r["pool"]["small"]["params"] == small.params < r["pool"]["large"]["params"]
+        assert len(escs) == len(steps) and [e["after"] for e in escs] == list(range(len(steps)))
+        for s in steps[:-1]:
+            assert s["text"].endswith("\n\n") and "\n\n" not in s["text"][:-2].rstrip("\n")
+        for s in steps:
+            assert s["min_logprob"] <= s["mean_logprob"] <= 0 <= s["mean_entropy"] <= s["max_entropy"]
+        # the step texts are the small model's solution, token for token
+        prompt = encode_prompt(small.tokenizer, r["question"])
+        assert r["small"]["prompt_tokens"] == len(prompt)
+        g = generate_batch(small, [prompt], 96, stats=True)[0]
+        assert sum(s["tokens"] for s in steps) == len(g.ids)
+        text = "".join(s["text"] for s in steps)
+        assert text == small.tokenizer.decode(g.ids, skip_special_tokens=True)
+        assert r["small"]["finished"] == g.finished
+        assert r["small"]["answer"] == extract_answer(text)
+        # the large prompt grows with every accepted step, by that step's re-encoded text
+        for k, e in enumerate(escs):
+            prefix = "".join(s["text"] for s in steps[:k])
+            assert e["prompt_tokens"] == len(encode_prompt(large.tokenizer, r["question"], prefix))
+            if k:
+                assert e["prompt_tokens"] > escs[k - 1]["prompt_tokens"]
+            assert e["correct"] == is_equivalent(extract_answer(prefix + e["text"]), r["gold"])
+    # the pool gives right and wrong answers, and the large model is the better one
+    small_acc = sum(r["small"]["correct"] for r in records)
+    large_acc = sum(r["escalations"][0]["correct"] for r in records if r["escalations"])
+    assert 0 < large_acc and small_acc < len(records) and large_acc >= small_acc
+
+
+def test_one_shot_split_equals_step_by_step_generation(tiny_table, tiny_lms):
+    small, large = tiny_lms
+    for r in tiny_table["records"]:
+        drafter = StepDrafter(small, encode_prompt(small.tokenizer, r["question"]), 96)
+        live = []
+        while (step := drafter.next_step()) is not None:
+            live.append(step)
+            assert drafter.ended == (len(live) == len(r["small"]["steps"]))
+        assert [s["text"] for s in live] == [s["text"] for s in r["small"]["steps"]]
+        for a, b in zip(live, r["small"]["steps"]):
+            assert a["tokens"] == b["tokens"]
+            for key in ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy"):
+                assert a[key] == pytest.approx(b[key], abs=1e-4)
+        # the large model's continuation after k steps, generated step by step, too
+        for k, e in enumerate(r["escalations"][:2]):
+            prefix = "".join(s["text"] for s in r["small"]["steps"][:k])
+            cont = StepDrafter(large, encode_prompt(large.tokenizer, r["question"], prefix), 96)
+            while cont.next_step() is not None:
+                pass
+            assert cont.solution_text == e["text"] and cont.generated == e["tokens"]
+
+
+def rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, 4)
+    if isinstance(obj, dict):
+        return {k: rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v) for v in obj]
+    return obj
+
+
+def test_resume_after_interrupted_run(tiny_pool, tiny_table, tmp_path):
+    out = tmp_path / "t.jsonl"
+    full = tiny_table["out"].read_text().splitlines(keepends=True)
+    out.write_text("".join(full[:3]) + full[3][: len(full[3]) // 2])  # torn 4th line
+    rollout.main(["--dataset", str(tiny_table["data"]), "--small", str(tiny_pool["small"]),
+                  "--large", str(tiny_pool["large"]), "--out", str(out), "--dtype", "float32",
+                  "--max-new-tokens", "96", "--limit", "6"])
+    lines = out.read_text().splitlines(keepends=True)
+    assert lines[:3] == full[:3]  # kept as they were
+    assert [json.loads(x)["id"] for x in lines] == [json.loads(x)["id"] for x in full[:6]]
+    # same table; statistics only up to float noise (a different batch pads differently)
+    assert [rounded(json.loads(x)) for x in lines] == [rounded(json.loads(x)) for x in full[:6]]
+    # a finished table is left alone
+    rollout.main(["--dataset", str(tiny_table["data"]), "--small", str(tiny_pool["small"]),
+                  "--large", str(tiny_pool["large"]), "--out", str(out), "--dtype", "float32",
+                  "--max-new-tokens", "96", "--limit", "6"])
+    assert out.read_text().splitlines(keepends=True) == lines
+
+
+# ---------------------------------------------------------------------------- bad input
+def run_rollout(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "rollout.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("case", ["missing", "no_answer", "unknown", "empty", "model", "flag"])
+def test_bad_input_is_one_line_and_exit_2(case, tiny_pool, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2"}\n')
+    small, expect = str(tiny_pool["small"]), None
+    args = {"missing": ["--dataset", str(tmp_path / "nope.jsonl")],
+            "unknown": ["--dataset", "gsm9k"],
+            "empty": ["--dataset", str(data), "--offset", "5"],
+            "model": ["--dataset", str(data), "--small", str(tmp_path / "no-model")],
+            "flag": ["--dataset", str(data), "--batch-size", "0"],
+            "no_answer": ["--dataset", str(data)]}[case]
+    if case == "no_answer":
+        data.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?"}\n')
+        expect = f"{data}:2"
+    out = tmp_path / "out.jsonl"
+    r = run_rollout(*args, "--out", str(out), *(["--small", small] if case != "model" else []),
+                    "--large", small, "--max-new-tokens", "8")
+    assert r.returncode == 2, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rollout.py: error: "), r.stderr
+    if expect:
+        assert expect in lines[0]
+    assert not out.exists()
+
+
+def test_bad_table_lines_are_named(tmp_path):
+    t = tmp_path / "t.jsonl"
+    t.write_text('{"schema": 2}\n')
+    with pytest.raises(UsageError, match="t.jsonl:1: schema 2"):
+        read_table(t)
+    t.write_text("\n")
+    with pytest.raises(UsageError, match="no questions"):
+        read_table(t)
