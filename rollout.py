@@ -21,6 +21,7 @@ so an interrupted run resumes without losing or duplicating anything.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -548,28 +549,28 @@ def split_steps(lm: LM, ids: list, logprobs: list, entropies: list) -> list:
 
 
 # ----------------------------------------------------------------------------------------
-# Batched greedy generation. StepStats records, at each decoding position, the
-# log-probability of the greedy token and the entropy of the next-token distribution,
-# from the logits generate computes anyway (nothing is stored at vocabulary size).
+# Batched greedy generation, our own loop on the model's forward and KV cache (so that a
+# batch can be refilled as rows finish). At each position it records the log-probability
+# of the greedy token and the entropy of the next-token distribution, from the logits the
+# step computes anyway (nothing is stored at vocabulary size).
 # ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _cache_arg(model_class) -> str:
+    import inspect
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters \
+        else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """transformers 5 names the forward's cache argument `cache`; 4.x `past_key_values`."""
+    return {_cache_arg(type(model)): cache}
+
+
 def token_stats(logits):
     """(log-prob of the argmax token, entropy) of each row of raw logits [B, V]."""
     import torch
     logp = torch.log_softmax(logits.float(), dim=-1)
     return logp.max(dim=-1).values, -(logp.exp() * logp).sum(dim=-1)
-
-
-class StepStats:
-    """A logits processor that leaves the scores alone and records token statistics."""
-
-    def __init__(self):
-        self.logprobs, self.entropies = [], []
-
-    def __call__(self, input_ids, scores):
-        lp, ent = token_stats(scores)
-        self.logprobs.append(lp.cpu())
-        self.entropies.append(ent.cpu())
-        return scores
 
 
 @dataclass
@@ -580,54 +581,127 @@ class Generation:
     entropies: list = None
 
 
-def generate_batch(lm: LM, prompts: list, max_new_tokens: int, stats: bool = False) -> list:
-    """Greedy continuations of a batch of token-id prompts (left-padded together)."""
-    import torch
-    from transformers import LogitsProcessorList
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), lm.pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        input_ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attention[row, width - len(p):] = 1
-    recorder = StepStats() if stats else None
-    with torch.inference_mode():
-        out = lm.model.generate(
-            input_ids=input_ids.to(lm.device), attention_mask=attention.to(lm.device),
-            max_new_tokens=max_new_tokens, do_sample=False,
-            logits_processor=LogitsProcessorList([recorder]) if stats else None)
-    new = out[:, width:].tolist()
-    if stats:
-        lps = torch.stack(recorder.logprobs, dim=1).tolist()
-        ents = torch.stack(recorder.entropies, dim=1).tolist()
-    stop = set(lm.stop_ids)
-    results = []
-    for row, seq in enumerate(new):
-        end = next((i for i, t in enumerate(seq) if t in stop), None)
-        finished = end is not None
-        end = end if finished else len(seq)
-        g = Generation(seq[:end], finished)
-        if stats:
-            g.logprobs, g.entropies = lps[row][:end], ents[row][:end]
-        results.append(g)
-    return results
+class RefilledBatch:
+    """Greedy decoding of many prompts through one batch of `size` rows that is refilled as
+    rows finish: a finished row leaves at once (no decoding of padding), waiting prompts are
+    encoded together and join, left-padded to the batch's cache. Rows are independent:
+    padding is masked out and every row keeps its own positions."""
+
+    def __init__(self, lm: LM, size: int, max_new_tokens: int, stats: bool):
+        self.lm, self.size, self.budget, self.stats = lm, size, max_new_tokens, stats
+        self.rows = []  # per row: [prompt index, ids, logprobs, entropies]
+        self.cache = self.mask = self.logits = self.pos = None
+
+    def _forward(self, ids, mask, pos, cache):
+        import torch
+        with torch.inference_mode():
+            return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                 use_cache=True, logits_to_keep=1,
+                                 **cache_kwargs(self.lm.model, cache)).logits[:, -1]
+
+    def admit(self, items: list) -> None:
+        """Encode prompts [(index, ids)] together and add them as new rows."""
+        import torch
+        from transformers import DynamicCache
+        dev, width = self.lm.device, max(len(p) for _, p in items)
+        ids = torch.full((len(items), width), self.lm.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for r, (_, p) in enumerate(items):
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.lm.model.config)
+        logits = self._forward(ids, mask, pos, cache)
+        new_rows = [[i, [], [], []] for i, _ in items]
+        if not self.rows:
+            self.cache, self.mask, self.logits, self.pos = cache, mask, logits, pos[:, -1] + 1
+            self.rows = new_rows
+            return
+        # left-pad the shorter cache so both have one length, then stack the rows
+        la, ln = self.mask.shape[1], mask.shape[1]
+        for old, add in zip(self.cache.layers, cache.layers):
+            k, v = old.keys, old.values
+            nk, nv = add.keys, add.values
+            if la < ln:
+                k, v = (torch.nn.functional.pad(x, (0, 0, ln - la, 0)) for x in (k, v))
+            elif ln < la:
+                nk, nv = (torch.nn.functional.pad(x, (0, 0, la - ln, 0)) for x in (nk, nv))
+            old.keys, old.values = torch.cat([k, nk]), torch.cat([v, nv])
+        pad = lambda m, n: torch.nn.functional.pad(m, (n - m.shape[1], 0))  # noqa: E731
+        width = max(la, ln)
+        self.mask = torch.cat([pad(self.mask, width), pad(mask, width)])
+        self.logits = torch.cat([self.logits, logits])
+        self.pos = torch.cat([self.pos, pos[:, -1] + 1])
+        self.rows += new_rows
+
+    def step(self) -> list:
+        """Choose every row's next token; return the rows that finished as
+        (index, Generation), and feed the others' tokens forward."""
+        import torch
+        tokens = self.logits.argmax(dim=-1)
+        if self.stats:
+            lp, ent = token_stats(self.logits)
+            lp, ent = lp.tolist(), ent.tolist()
+        done, keep = [], []
+        stop = self.lm.stop_ids
+        for r, tok in enumerate(tokens.tolist()):
+            row = self.rows[r]
+            if tok in stop:
+                done.append((row[0], Generation(row[1], True, row[2], row[3])))
+                continue
+            row[1].append(tok)
+            if self.stats:
+                row[2].append(lp[r])
+                row[3].append(ent[r])
+            if len(row[1]) >= self.budget:
+                done.append((row[0], Generation(row[1], False, row[2], row[3])))
+            else:
+                keep.append(r)
+        if done:
+            self.rows = [self.rows[r] for r in keep]
+            if not keep:
+                self.cache = self.mask = self.logits = self.pos = None
+                return done
+            idx = torch.tensor(keep, device=self.lm.device)
+            self.cache.batch_select_indices(idx)
+            self.mask, self.pos, tokens = self.mask[idx], self.pos[idx], tokens[idx]
+            first = int(self.mask.any(0).nonzero()[0])  # drop columns that are padding in every row
+            if first:
+                self.mask = self.mask[:, first:]
+                for layer in self.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(keep), 1))], dim=1)
+        self.logits = self._forward(tokens[:, None], self.mask, self.pos[:, None], self.cache)
+        self.pos = self.pos + 1
+        return done
 
 
 def generate_all(lm: LM, prompts: list, max_new_tokens: int, batch_size: int,
                  stats: bool = False, desc: str = "generate") -> list:
-    """Greedy continuations of many prompts: sorted by length (less padding), batched,
-    returned in the input order."""
+    """Greedy continuations of many token-id prompts (with token statistics if `stats`),
+    returned in input order. Prompts are taken shortest first into a refilled batch; new
+    rows join when at least an eighth of the batch is free (or nothing else is left)."""
     from tqdm.auto import tqdm
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    queue.reverse()  # pop() from the end gives the shortest first
     results = [None] * len(prompts)
+    batch = RefilledBatch(lm, batch_size, max_new_tokens, stats)
     with tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, disable=None) as bar:
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            for i, g in zip(idx, generate_batch(lm, [prompts[i] for i in idx],
-                                                max_new_tokens, stats)):
+        while queue or batch.rows:
+            free = batch_size - len(batch.rows)
+            if queue and (free >= max(1, batch_size // 8) or not batch.rows):
+                batch.admit([(i, prompts[i]) for i in
+                             (queue.pop() for _ in range(min(free, len(queue))))])
+            for i, g in batch.step():
                 results[i] = g
-            bar.update(len(idx))
+                bar.update(1)
     return results
+
+
+def generate_batch(lm: LM, prompts: list, max_new_tokens: int, stats: bool = False) -> list:
+    """Greedy continuations of a few prompts decoded together."""
+    return generate_all(lm, prompts, max_new_tokens, len(prompts), stats)
 
 
 class StepDrafter:
@@ -638,13 +712,9 @@ class StepDrafter:
     yields are the ones split_steps() cuts from a one-shot generation."""
 
     def __init__(self, lm: LM, prompt_ids: list, max_new_tokens: int):
-        import inspect
         from transformers import DynamicCache
         self.lm, self.budget = lm, max_new_tokens
         self.cache = DynamicCache(config=lm.model.config)
-        # transformers 5 names the cache argument `cache`; 4.x named it `past_key_values`
-        self.cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters \
-            else "past_key_values"
         self.seen = 0  # tokens in the cache
         self.generated = 0
         self.solution_ids, self.solution_text = [], ""  # what the drafter has written
@@ -656,7 +726,7 @@ class StepDrafter:
         with torch.inference_mode():
             out = self.lm.model(input_ids=torch.tensor([ids], device=self.lm.device),
                                 use_cache=True, position_ids=pos[None], logits_to_keep=1,
-                                **{self.cache_arg: self.cache})
+                                **cache_kwargs(self.lm.model, self.cache))
         self.seen += len(ids)
         return out.logits[:, -1]
 

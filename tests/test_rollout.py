@@ -98,7 +98,7 @@ def test_table_invariants(tiny_table, tiny_lms):
     assert any(len(r["small"]["steps"]) >= 3 for r in records)
     for r in records:
         steps, escs = r["small"]["steps"], r["escalations"]
-        assert r["pool"]["small"]["params"] == small.params < r["pool"]["large"]["params"]
+        assert r["pool"]["small"]["params"] == small.params and r["pool"]["large"]["params"] == large.params
         assert len(escs) == len(steps) and [e["after"] for e in escs] == list(range(len(steps)))
         for s in steps[:-1]:
             assert s["text"].endswith("\n\n") and "\n\n" not in s["text"][:-2].rstrip("\n")

@@ -1,0 +1,178 @@
+"""Throughput of building the trajectory table (rollout.py), against two references.
+
+    (a) plain batched `model.generate` on the same prompts, forced to write the same number
+        of new tokens per sequence as the table build wrote on average (no early stop);
+    (b) a naive loop: one question and one step at a time, each step a fresh `generate`
+        call on the re-encoded prefix, each continuation at batch size 1.
+
+All three use the same model as small and large (so the figures compare scheduling, not
+model sizes) and report generated tokens per second; the ratios come last.
+
+    python bench/rollout_speed.py --model PATH_OR_GGUF --questions 16 --batch-size 16
+    python bench/rollout_speed.py --config qwen2.5-1.5b --device cuda --questions 64 \\
+        --batch-size 64 --tokenizer PATH   # random weights at a real architecture's shape
+
+Targets (issue 2): table build >= 0.8x of (a) and >= 4x of (b).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import rollout  # noqa: E402
+
+CONFIGS = {  # shapes of real models, for random-weight timing without the hub
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       tie_word_embeddings=False),
+}
+
+
+def random_lm(config: str, tokenizer_path: str, device: str, dtype: str) -> rollout.LM:
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    device = rollout.resolve_device(device)
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    cfg = Qwen2Config(**CONFIGS[config], max_position_embeddings=32768, rope_theta=1e6)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(rollout.resolve_dtype(dtype, device)).eval()
+    stop = [tok.eos_token_id]
+    model.generation_config = GenerationConfig(do_sample=False, eos_token_id=stop,
+                                               pad_token_id=tok.pad_token_id or stop[0])
+    return rollout.LM(config, model, tok, sum(p.numel() for p in model.parameters()), stop,
+                      tok.pad_token_id or stop[0])
+
+
+def sync(lm):
+    import torch
+    if str(lm.device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def table_build(lm, questions, max_new, batch):
+    t = time.perf_counter()
+    records = rollout.build_records(lm, lm, questions, max_new, batch)
+    sync(lm)
+    secs = time.perf_counter() - t
+    small = sum(s["tokens"] for r in records for s in r["small"]["steps"])
+    large = sum(e["tokens"] for r in records for e in r["escalations"])
+    seqs = len(records) + sum(len(r["escalations"]) for r in records)
+    prompts = [rollout.encode_prompt(lm.tokenizer, q["question"]) for q in questions]
+    prompts += [rollout.encode_prompt(lm.tokenizer, r["question"], "".join(
+        s["text"] for s in r["small"]["steps"][:k])) for r in records
+        for k in range(len(r["escalations"]))]
+    return secs, small + large, seqs, prompts, records
+
+
+def plain_generate(lm, prompts, new_tokens, batch):
+    """Plain batched generate on the same prompts, sorted by length, forced lengths."""
+    import torch
+    prompts = sorted(prompts, key=len)
+    t = time.perf_counter()
+    for b in range(0, len(prompts), batch):
+        chunk = prompts[b:b + batch]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), lm.pad_id)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        with torch.inference_mode():
+            lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False)
+    sync(lm)
+    return time.perf_counter() - t, len(prompts) * new_tokens
+
+
+def naive_loop(lm, questions, max_new):
+    """One question, one step at a time: generate() on the re-encoded prefix per step."""
+    from transformers import StoppingCriteria
+    flags = rollout.newline_flags(lm)
+
+    class StepEnd(StoppingCriteria):
+        def __init__(self, start):
+            self.start = start
+
+        def __call__(self, input_ids, scores, **kw):
+            seq = input_ids[0, self.start:].tolist()
+            done = len(seq) > 0 and rollout.ends_step(flags, seq[-2] if len(seq) > 1 else None,
+                                                     seq[-1])
+            return __import__("torch").tensor([done], device=input_ids.device)
+
+    import torch
+    t, tokens = time.perf_counter(), 0
+    for q in questions:
+        steps = []
+        while sum(map(len, steps)) < max_new:
+            prompt = rollout.encode_prompt(lm.tokenizer, q["question"])
+            ids = torch.tensor([prompt + [x for s in steps for x in s]], device=lm.device)
+            out = lm.model.generate(input_ids=ids, max_new_tokens=max_new - sum(map(len, steps)),
+                                    do_sample=False, stopping_criteria=[StepEnd(ids.shape[1])])
+            new = [x for x in out[0, ids.shape[1]:].tolist()]
+            stop = next((i for i, x in enumerate(new) if x in lm.stop_ids), None)
+            steps.append(new[:stop] if stop is not None else new)
+            if stop is not None or not steps[-1]:
+                break
+        tokens += sum(map(len, steps))
+        text = lm.tokenizer.decode([x for s in steps for x in s], skip_special_tokens=True)
+        for k in range(len(steps)):
+            prefix_ids = rollout.encode_prompt(lm.tokenizer, q["question"], lm.tokenizer.decode(
+                [x for s in steps[:k] for x in s], skip_special_tokens=True))
+            g = rollout.generate_batch(lm, [prefix_ids], max_new)[0]
+            tokens += len(g.ids)
+        del text
+    sync(lm)
+    return time.perf_counter() - t, tokens
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="hub id, folder or .gguf (a real model)")
+    p.add_argument("--config", choices=sorted(CONFIGS), help="random weights of this shape")
+    p.add_argument("--tokenizer", help="tokenizer folder for --config (a Qwen2.5 tokenizer)")
+    p.add_argument("--dataset", default="gsm8k")
+    p.add_argument("--split", default="test")
+    p.add_argument("--questions", type=int, default=16)
+    p.add_argument("--naive-questions", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    args = p.parse_args()
+    lm = random_lm(args.config, args.tokenizer, args.device, args.dtype) if args.config \
+        else rollout.load_lm(args.model, args.device, args.dtype)
+    questions = rollout.load_questions(args.dataset, args.split, limit=args.questions)
+    rollout.newline_flags(lm)
+    rollout.build_records(lm, lm, questions[:2], 8, 2)  # warm-up
+
+    secs, toks, seqs, prompts, records = table_build(lm, questions, args.max_new_tokens,
+                                                     args.batch_size)
+    steps = sum(len(r["small"]["steps"]) for r in records) / len(records)
+    print(f"table build : {toks} tokens in {secs:.1f}s = {toks / secs:.1f} tok/s "
+          f"({len(records)} questions, {steps:.1f} steps each, {seqs} sequences)")
+    per_seq = max(1, round(toks / seqs))
+    psecs, ptoks = plain_generate(lm, prompts, per_seq, args.batch_size)
+    print(f"(a) generate: {ptoks} tokens in {psecs:.1f}s = {ptoks / psecs:.1f} tok/s "
+          f"({len(prompts)} sequences x {per_seq} forced tokens, batch {args.batch_size})")
+    nsecs, ntoks = naive_loop(lm, questions[:args.naive_questions], args.max_new_tokens)
+    print(f"(b) naive   : {ntoks} tokens in {nsecs:.1f}s = {ntoks / nsecs:.1f} tok/s "
+          f"({args.naive_questions} questions, one step at a time)")
+    print(f"ratio vs (a): {(toks / secs) / (ptoks / psecs):.2f}x   (target >= 0.8)")
+    print(f"ratio vs (b): {(toks / secs) / (ntoks / nsecs):.2f}x   (target >= 4)")
+
+
+if __name__ == "__main__":
+    main()
