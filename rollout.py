@@ -410,10 +410,22 @@ class LM:
         return self.model.device
 
 
+def cpu_has_bf16() -> bool:
+    """Does this CPU compute in bf16 natively (AVX512-BF16 or AMX)? Without it, torch
+    converts every bf16 matmul and float32 runs faster (2.3x on an AVX-512 Xeon here)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device: str):
     import torch
-    if dtype == "auto":  # bf16 where supported: about 2.7x faster than fp32 on CPU too
-        return torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    if dtype == "auto":  # bf16 where the hardware computes in it, else float32 (fp16 on old GPUs)
+        if device == "cpu":
+            return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:
         return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
                 "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[dtype]
@@ -838,7 +850,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk-size", type=int, default=64,
                    help="questions per round (their lines are written when it ends)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16), bfloat16, float16, float32")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), "
+                        "bfloat16, float16, float32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for flag in ("limit", "max_new_tokens", "batch_size", "chunk_size"):

@@ -217,3 +217,13 @@ def test_bad_table_lines_are_named(tmp_path):
     t.write_text("\n")
     with pytest.raises(UsageError, match="no questions"):
         read_table(t)
+
+
+def test_auto_dtype_is_float32_on_cpus_without_native_bf16(monkeypatch):
+    import torch
+    monkeypatch.setattr(rollout, "cpu_has_bf16", lambda: False)
+    assert rollout.resolve_dtype("auto", "cpu") is torch.float32
+    monkeypatch.setattr(rollout, "cpu_has_bf16", lambda: True)
+    assert rollout.resolve_dtype("auto", "cpu") is torch.bfloat16
+    with pytest.raises(UsageError, match="--dtype"):
+        rollout.resolve_dtype("float8", "cpu")
