@@ -76,7 +76,7 @@ def test_first_run_writes_every_output_and_the_headline(job):
 
     record = json.loads((out / "demo.json").read_text())
     run = record["runs"][-1]
-    assert run["command"].startswith("python demo.py --dataset")
+    assert run["command"].startswith(f"{Path(sys.executable).name} demo.py --dataset")
     assert {"platform", "cpu_count", "torch_threads"} <= set(run["machine"])
     assert all(run["stages"][s]["status"] == "ran" for s in STAGES)
     assert record["counts"] == COUNTS
