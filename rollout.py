@@ -593,14 +593,26 @@ class Generation:
     entropies: list = None
 
 
+def left_pad(prompts: list, pad_id: int):
+    """Token-id prompts as one left-padded batch: (ids [B, W], attention mask [B, W])."""
+    import torch
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
 class RefilledBatch:
-    """Greedy decoding of many prompts through one batch of `size` rows that is refilled as
+    """Greedy decoding of many prompts through one batch of rows that is refilled as
     rows finish: a finished row leaves at once (no decoding of padding), waiting prompts are
     encoded together and join, left-padded to the batch's cache. Rows are independent:
     padding is masked out and every row keeps its own positions."""
 
-    def __init__(self, lm: LM, size: int, max_new_tokens: int, stats: bool):
-        self.lm, self.size, self.budget, self.stats = lm, size, max_new_tokens, stats
+    def __init__(self, lm: LM, max_new_tokens: int, stats: bool):
+        self.lm, self.budget, self.stats = lm, max_new_tokens, stats
         self.rows = []  # per row: [prompt index, ids, logprobs, entropies]
         self.cache = self.mask = self.logits = self.pos = None
 
@@ -615,13 +627,8 @@ class RefilledBatch:
         """Encode prompts [(index, ids)] together and add them as new rows."""
         import torch
         from transformers import DynamicCache
-        dev, width = self.lm.device, max(len(p) for _, p in items)
-        ids = torch.full((len(items), width), self.lm.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for r, (_, p) in enumerate(items):
-            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = left_pad([p for _, p in items], self.lm.pad_id)
+        ids, mask = ids.to(self.lm.device), mask.to(self.lm.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.lm.model.config)
         logits = self._forward(ids, mask, pos, cache)
@@ -698,7 +705,7 @@ def generate_all(lm: LM, prompts: list, max_new_tokens: int, batch_size: int,
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     queue.reverse()  # pop() from the end gives the shortest first
     results = [None] * len(prompts)
-    batch = RefilledBatch(lm, batch_size, max_new_tokens, stats)
+    batch = RefilledBatch(lm, max_new_tokens, stats)
     with tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, disable=None) as bar:
         while queue or batch.rows:
             free = batch_size - len(batch.rows)

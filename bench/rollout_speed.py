@@ -83,12 +83,7 @@ def plain_generate(lm, prompts, new_tokens, batch):
     prompts = sorted(prompts, key=len)
     t = time.perf_counter()
     for b in range(0, len(prompts), batch):
-        chunk = prompts[b:b + batch]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), lm.pad_id)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        ids, mask = rollout.left_pad(prompts[b:b + batch], lm.pad_id)
         with torch.inference_mode():
             lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -127,13 +122,11 @@ def naive_loop(lm, questions, max_new):
             if stop is not None or not steps[-1]:
                 break
         tokens += sum(map(len, steps))
-        text = lm.tokenizer.decode([x for s in steps for x in s], skip_special_tokens=True)
         for k in range(len(steps)):
             prefix_ids = rollout.encode_prompt(lm.tokenizer, q["question"], lm.tokenizer.decode(
                 [x for s in steps[:k] for x in s], skip_special_tokens=True))
             g = rollout.generate_batch(lm, [prefix_ids], max_new)[0]
             tokens += len(g.ids)
-        del text
     sync(lm)
     return time.perf_counter() - t, tokens
 
