@@ -404,6 +404,7 @@ class LM:
     stop_ids: list
     pad_id: int
     newline_flags: tuple = None  # (has "\n\n", starts with "\n", ends with "\n") per token id
+    engine: object = field(default=None, repr=False)  # its SlotEngine, once one is built
 
     @property
     def device(self):
@@ -561,11 +562,23 @@ def split_steps(lm: LM, ids: list, logprobs: list, entropies: list) -> list:
 
 
 # ----------------------------------------------------------------------------------------
-# Batched greedy generation, our own loop on the model's forward and KV cache (so that a
-# batch can be refilled as rows finish). At each position it records the log-probability
-# of the greedy token and the entropy of the next-token distribution, from the logits the
-# step computes anyway (nothing is stored at vocabulary size).
+# Batched greedy generation: a slot engine on the model's own forward. The batch is B
+# slots, each with its own region of a preallocated KV cache ([B, kv_heads, L, head_dim]
+# per layer) and its own length, so a finished sequence leaves at once and a waiting
+# prompt takes its slot (no decoding of padding, no copying of the cache). A decode step
+# writes each slot's new key/value at that slot's length and attends over the smallest
+# length bucket (a multiple of 256) that holds every slot; with --compile each bucket's
+# step is captured once as a CUDA graph and replayed, which removes the kernel-launch
+# overhead that bounds eager decoding on a GPU. Prompts that are token prefixes of one
+# another (the large model's continuation prompts of one question are) are encoded once:
+# the longest one goes through the model and the others take its first keys/values and
+# the hidden state at their own last position. At every position the engine records the
+# log-probability of the greedy token and the entropy of the next-token distribution,
+# from the logits the step computes anyway.
 # ----------------------------------------------------------------------------------------
+BUCKET = 256  # cache lengths and attention spans are multiples of this
+
+
 @functools.lru_cache(maxsize=None)
 def _cache_arg(model_class) -> str:
     import inspect
@@ -605,116 +618,320 @@ def left_pad(prompts: list, pad_id: int):
     return ids, mask
 
 
-class RefilledBatch:
-    """Greedy decoding of many prompts through one batch of rows that is refilled as
-    rows finish: a finished row leaves at once (no decoding of padding), waiting prompts are
-    encoded together and join, left-padded to the batch's cache. Rows are independent:
-    padding is masked out and every row keeps its own positions."""
+def prefix_families(prompts: list) -> dict:
+    """Group prompts whose token ids are prefixes of a longer prompt: {root: [members]},
+    each member (the root included) a prefix of its root. In lexicographic order a prompt's
+    extensions follow it directly, so one pass from the end finds every root."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    root = {}
+    for j in reversed(range(len(order))):
+        i = order[j]
+        nxt = order[j + 1] if j + 1 < len(order) else None
+        p = prompts[i]
+        root[i] = root[nxt] if nxt is not None and prompts[nxt][:len(p)] == p else i
+    families = {}
+    for i in range(len(prompts)):
+        families.setdefault(root[i], []).append(i)
+    return families
 
-    def __init__(self, lm: LM, max_new_tokens: int, stats: bool):
-        self.lm, self.budget, self.stats = lm, max_new_tokens, stats
-        self.rows = []  # per row: [prompt index, ids, logprobs, entropies]
-        self.cache = self.mask = self.logits = self.pos = None
 
-    def _forward(self, ids, mask, pos, cache):
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token takes in the cache, over all layers."""
+    cfg = model.config.get_text_config()
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def auto_batch_size(pool: list, device, cap: int = 512, reserve: float = 0.25) -> int:
+    """--batch-size auto: the most slots whose caches fit in free GPU memory at once.
+    `pool` holds (LM, cache length per slot) for every engine that will be alive together;
+    a quarter of the free memory is kept for prefill activations and each step's logits.
+    On a CPU: 16 (more rows buy little there)."""
+    import torch
+    if torch.device(device).type != "cuda":
+        return 16
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    per_slot = sum(kv_bytes_per_token(lm.model) * length
+                   + 16 * lm.model.config.get_text_config().vocab_size for lm, length in pool)
+    slots = int(free * (1 - reserve) // per_slot)
+    if slots < 1:
+        raise UsageError("--batch-size auto: not even one sequence fits in free GPU memory; "
+                         "lower --max-new-tokens or use a smaller model")
+    return max(1, min(cap, slots if slots < 8 else slots // 8 * 8))
+
+
+SLOT_ATTENTION = "stepwise_slots"
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Decode-step attention over the slot cache: one query per slot, grouped query heads
+    computed against their shared key/value head without copying it, over the first
+    attention_mask.shape[-1] positions (the step's bucket). Returns [B, 1, heads, dim]."""
+    import torch
+    b, heads, _, dim = query.shape
+    kv_heads, span = key.shape[1], attention_mask.shape[-1]
+    groups = heads // kv_heads
+    q = query.reshape(b * kv_heads, groups, dim)
+    k = key[:, :, :span].reshape(b * kv_heads, span, dim)  # a view: slots x heads merge
+    v = value[:, :, :span].reshape(b * kv_heads, span, dim)
+    scores = torch.bmm(q, k.transpose(1, 2)).float() * (scaling or dim ** -0.5)
+    scores = scores.view(b, kv_heads, groups, span).masked_fill(
+        ~attention_mask.view(b, 1, 1, span), float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype).view(b * kv_heads, groups, span)
+    return torch.bmm(probs, v).view(b, heads, dim)[:, None], None
+
+
+@functools.lru_cache(maxsize=None)
+def _register_slot_attention() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+
+
+class SlotCache:
+    """The engine's KV cache, in the interface transformers' attention layers call:
+    update() writes the step's key/value [B, kv_heads, 1, dim] at each slot's position
+    and returns the whole cache of the layer."""
+
+    def __init__(self, model, slots: int, length: int):
+        import torch
+        cfg = model.config.get_text_config()
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(model.parameters())
+        shape = (slots, kv_heads, length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=p.dtype, device=p.device)
+                     for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.index = torch.zeros((slots, kv_heads, 1, head_dim), dtype=torch.long, device=p.device)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].scatter_(2, self.index, key)
+        self.values[layer_idx].scatter_(2, self.index, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx=0) -> int:
+        return 0
+
+
+class SlotEngine:
+    """Greedy decoding of many prompts through a fixed set of slots (see the section
+    comment). Allocated once per model, batch size and cache length, and reused."""
+
+    def __init__(self, lm: LM, slots: int, length: int, graphs: bool = False,
+                 prefill_tokens: int = 16384):
+        import torch
+        _register_slot_attention()
+        self.lm, self.slots, self.length, self.prefill_tokens = lm, slots, length, prefill_tokens
+        self.graphs = graphs and lm.device.type == "cuda"
+        dev = lm.device
+        self.cache = SlotCache(lm.model, slots, length)
+        self.inputs = torch.zeros((2, slots), dtype=torch.long, device=dev)  # tokens, positions
+        self.outputs = torch.zeros((3, slots), dtype=torch.float64, device=dev)  # tok, lp, ent
+        self.positions = torch.arange(length, device=dev)
+        self.captured = {}  # bucket -> CUDA graph of the decode step
+        self.pool = None
+        # what the engine did, for benchmarks: decode steps, rows fed, cache positions
+        # attended (per row, and over whole buckets), prompt tokens encoded / needed
+        self.counters = dict(steps=0, rows=0, positions=0, span_positions=0,
+                             prefill_tokens=0, prompt_tokens=0)
+
+    def _decode(self, span: int) -> None:
+        """One decode step over every slot, attending to the first `span` positions."""
+        import torch
+        tokens, lengths = self.inputs[0], self.inputs[1]
+        self.cache.index.copy_(lengths.view(-1, 1, 1, 1).expand_as(self.cache.index))
+        mask = (self.positions[:span][None, :] <= lengths[:, None])[:, None, None, :]
+        model, cfg = self.lm.model, self.lm.model.config
+        saved = cfg._attn_implementation
+        cfg._attn_implementation_internal = SLOT_ATTENTION  # this step only: no checks
+        try:
+            logits = model(input_ids=tokens[:, None], position_ids=lengths[:, None],
+                           attention_mask=mask,  # 4D: used as it is
+                           use_cache=True, logits_to_keep=1,
+                           **cache_kwargs(model, self.cache)).logits[:, -1]
+        finally:
+            cfg._attn_implementation_internal = saved
+        lp, ent = token_stats(logits)
+        self.outputs[0].copy_(logits.argmax(dim=-1))
+        self.outputs[1].copy_(lp)
+        self.outputs[2].copy_(ent)
+
+    def decode(self, span: int) -> None:
         import torch
         with torch.inference_mode():
-            return self.lm.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                 use_cache=True, logits_to_keep=1,
-                                 **cache_kwargs(self.lm.model, cache)).logits[:, -1]
+            if self.graphs and span not in self.captured:
+                try:
+                    self.captured[span] = self._capture(span)
+                except Exception as err:  # noqa: BLE001 - keep going, eagerly, and say so
+                    print(f"--compile: capturing the decode step failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly",
+                          file=sys.stderr)
+                    self.graphs = False
+            if self.graphs:
+                self.captured[span].replay()
+            else:
+                self._decode(span)
 
-    def admit(self, items: list) -> None:
-        """Encode prompts [(index, ids)] together and add them as new rows."""
+    def _capture(self, span: int):
+        """Record the decode step for this bucket as a CUDA graph (after a warm-up step on a
+        side stream, as CUDA graphs require). The warm-up writes the keys/values of the step
+        that replay() is about to write anyway, so it changes nothing."""
+        import torch
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._decode(span)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._decode(span)
+        return graph
+
+    def prefill(self, roots: list, members: list) -> list:
+        """Encode the root prompts (right-padded: causal attention needs no mask) and put
+        each member (slot, root row, length) into its slot: the root's first `length`
+        keys/values, and the greedy token statistics of the hidden state at length - 1."""
         import torch
         from transformers import DynamicCache
-        ids, mask = left_pad([p for _, p in items], self.lm.pad_id)
-        ids, mask = ids.to(self.lm.device), mask.to(self.lm.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        width = max(len(p) for p in roots)
+        ids = torch.full((len(roots), width), self.lm.pad_id, dtype=torch.long)
+        for r, p in enumerate(roots):
+            ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+        decoder = self.lm.model.get_decoder()
         cache = DynamicCache(config=self.lm.model.config)
-        logits = self._forward(ids, mask, pos, cache)
-        new_rows = [[i, [], [], []] for i, _ in items]
-        if not self.rows:
-            self.cache, self.mask, self.logits, self.pos = cache, mask, logits, pos[:, -1] + 1
-            self.rows = new_rows
-            return
-        # left-pad the shorter cache so both have one length, then stack the rows
-        la, ln = self.mask.shape[1], mask.shape[1]
-        for old, add in zip(self.cache.layers, cache.layers):
-            k, v = old.keys, old.values
-            nk, nv = add.keys, add.values
-            if la < ln:
-                k, v = (torch.nn.functional.pad(x, (0, 0, ln - la, 0)) for x in (k, v))
-            elif ln < la:
-                nk, nv = (torch.nn.functional.pad(x, (0, 0, la - ln, 0)) for x in (nk, nv))
-            old.keys, old.values = torch.cat([k, nk]), torch.cat([v, nv])
-        pad = lambda m, n: torch.nn.functional.pad(m, (n - m.shape[1], 0))  # noqa: E731
-        width = max(la, ln)
-        self.mask = torch.cat([pad(self.mask, width), pad(mask, width)])
-        self.logits = torch.cat([self.logits, logits])
-        self.pos = torch.cat([self.pos, pos[:, -1] + 1])
-        self.rows += new_rows
+        dev = self.lm.device
+        with torch.inference_mode():
+            hidden = decoder(input_ids=ids.to(dev), use_cache=True,
+                             **cache_kwargs(decoder, cache)).last_hidden_state
+            slots = torch.tensor([s for s, _, _ in members], device=dev)
+            rows = torch.tensor([r for _, r, _ in members], device=dev)
+            last = torch.tensor([n - 1 for _, _, n in members], device=dev)
+            for layer, (k, v) in enumerate(zip(self.cache.keys, self.cache.values)):
+                src = cache.layers[layer]
+                k[slots, :, :width] = src.keys[rows]
+                v[slots, :, :width] = src.values[rows]
+            logits = self.lm.model.get_output_embeddings()(hidden[rows, last])
+            lp, ent = token_stats(logits)
+            return torch.stack([logits.argmax(-1).double(), lp.double(), ent.double()]).T.tolist()
 
-    def step(self) -> list:
-        """Choose every row's next token; return the rows that finished as
-        (index, Generation), and feed the others' tokens forward."""
+    def run(self, prompts: list, max_new_tokens: int, share_prefixes: bool = True,
+            bar=None) -> list:
+        """Greedy continuations of token-id prompts, in input order. Prompt families are
+        taken shortest root first; new ones join when an eighth of the slots is free."""
         import torch
-        tokens = self.logits.argmax(dim=-1)
-        if self.stats:
-            lp, ent = token_stats(self.logits)
-            lp, ent = lp.tolist(), ent.tolist()
-        done, keep = [], []
-        stop = self.lm.stop_ids
-        for r, tok in enumerate(tokens.tolist()):
-            row = self.rows[r]
-            if tok in stop:
-                done.append((row[0], Generation(row[1], True, row[2], row[3])))
-                continue
-            row[1].append(tok)
-            if self.stats:
-                row[2].append(lp[r])
-                row[3].append(ent[r])
-            if len(row[1]) >= self.budget:
-                done.append((row[0], Generation(row[1], False, row[2], row[3])))
-            else:
-                keep.append(r)
-        if done:
-            self.rows = [self.rows[r] for r in keep]
-            if not keep:
-                self.cache = self.mask = self.logits = self.pos = None
-                return done
-            idx = torch.tensor(keep, device=self.lm.device)
-            self.cache.batch_select_indices(idx)
-            self.mask, self.pos, tokens = self.mask[idx], self.pos[idx], tokens[idx]
-            first = int(self.mask.any(0).nonzero()[0])  # drop columns that are padding in every row
-            if first:
-                self.mask = self.mask[:, first:]
-                for layer in self.cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(keep), 1))], dim=1)
-        self.logits = self._forward(tokens[:, None], self.mask, self.pos[:, None], self.cache)
-        self.pos = self.pos + 1
-        return done
+        if any(len(p) + max_new_tokens > self.length for p in prompts):
+            raise ValueError("prompt + max_new_tokens exceeds the engine's cache length")
+        families = prefix_families(prompts) if share_prefixes else {i: [i] for i in range(len(prompts))}
+        queue = sorted((sorted(m, key=lambda i: -len(prompts[i])) for m in families.values()),
+                       key=lambda m: len(prompts[m[0]]), reverse=True)  # pop() = shortest root
+        results = [None] * len(prompts)
+        rows = [None] * self.slots  # per slot: [prompt index, ids, logprobs, entropies]
+        length = [0] * self.slots
+        pending = {}  # slot -> (token, logprob, entropy) not yet taken
+        decoded = None
+        stop = set(self.lm.stop_ids)
+        while queue or any(r is not None for r in rows):
+            free = [s for s in range(self.slots) if rows[s] is None]
+            if queue and (len(free) >= max(1, self.slots // 8) or len(free) == self.slots):
+                roots, members = [], []  # one prefill call per prefill_tokens (padded)
+                while queue and free:
+                    family = queue.pop()
+                    if len(family) > len(free):  # split it: the rest waits, with its own root
+                        family, rest = family[:len(free)], family[len(free):]
+                        queue.append(rest)
+                    roots.append(prompts[family[0]])
+                    for i in family:
+                        s = free.pop()
+                        members.append((s, len(roots) - 1, i))
+                        rows[s] = [i, [], [], []]
+                    if len(roots) * max(map(len, roots)) >= self.prefill_tokens or not queue \
+                            or not free:
+                        self._admit(roots, members, length, pending, prompts)
+                        roots, members = [], []
+            if decoded is None and any(r is not None and s not in pending
+                                       for s, r in enumerate(rows)):
+                decoded = self.outputs.T.tolist()
+            feed = [0] * self.slots
+            fed = []
+            for s, row in enumerate(rows):
+                if row is None:
+                    continue
+                tok, lp, ent = pending.pop(s) if s in pending else decoded[s]
+                tok = int(tok)
+                if tok in stop:
+                    results[row[0]] = Generation(row[1], True, row[2], row[3])
+                    rows[s], length[s] = None, 0
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                row[1].append(tok)
+                row[2].append(lp)
+                row[3].append(ent)
+                if len(row[1]) >= max_new_tokens:  # the budget is spent: no need to feed it
+                    results[row[0]] = Generation(row[1], False, row[2], row[3])
+                    rows[s], length[s] = None, 0
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                feed[s] = tok
+                fed.append(s)
+            decoded = None
+            if fed:
+                span = min(-(-(max(length) + 1) // BUCKET) * BUCKET, self.length)
+                self.inputs.copy_(torch.tensor([feed, length], dtype=torch.long))
+                self.decode(span)
+                c = self.counters
+                c["steps"] += 1
+                c["rows"] += len(fed)
+                c["span_positions"] += span * self.slots
+                for s in fed:
+                    length[s] += 1
+                    c["positions"] += length[s]
+        return results
+
+    def _admit(self, roots, members, length, pending, prompts) -> None:
+        self.counters["prefill_tokens"] += sum(map(len, roots))
+        self.counters["prompt_tokens"] += sum(len(prompts[i]) for _, _, i in members)
+        stats = self.prefill(roots, [(s, r, len(prompts[i])) for s, r, i in members])
+        for (s, _, i), st in zip(members, stats):
+            length[s] = len(prompts[i])
+            pending[s] = st
+
+
+def engine_for(lm: LM, slots: int, length: int, graphs: bool) -> SlotEngine:
+    """The model's engine, reused while it is big enough (a new one replaces it when a
+    longer cache is needed; lengths are rounded up to BUCKET so that this is rare)."""
+    eng = getattr(lm, "engine", None)
+    if eng is not None and eng.slots == slots and eng.length >= length and eng.graphs == graphs:
+        return eng
+    if eng is not None:
+        lm.engine = None
+        del eng
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    lm.engine = SlotEngine(lm, slots, -(-length // BUCKET) * BUCKET, graphs)
+    return lm.engine
 
 
 def generate_all(lm: LM, prompts: list, max_new_tokens: int, batch_size: int,
-                 stats: bool = False, desc: str = "generate") -> list:
+                 stats: bool = False, desc: str = "generate", compile: bool = False,
+                 share_prefixes: bool = True) -> list:
     """Greedy continuations of many token-id prompts (with token statistics if `stats`),
-    returned in input order. Prompts are taken shortest first into a refilled batch; new
-    rows join when at least an eighth of the batch is free (or nothing else is left)."""
+    returned in input order, through the model's slot engine."""
     from tqdm.auto import tqdm
-    queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    queue.reverse()  # pop() from the end gives the shortest first
-    results = [None] * len(prompts)
-    batch = RefilledBatch(lm, max_new_tokens, stats)
+    if not prompts:
+        return []
+    need = max(len(p) for p in prompts) + max_new_tokens
+    eng = engine_for(lm, batch_size, need, compile)
     with tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, disable=None) as bar:
-        while queue or batch.rows:
-            free = batch_size - len(batch.rows)
-            if queue and (free >= max(1, batch_size // 8) or not batch.rows):
-                batch.admit([(i, prompts[i]) for i in
-                             (queue.pop() for _ in range(min(free, len(queue))))])
-            for i, g in batch.step():
-                results[i] = g
-                bar.update(1)
+        results = eng.run(prompts, max_new_tokens, share_prefixes, bar)
+    if not stats:
+        for g in results:
+            g.logprobs = g.entropies = None
     return results
 
 
@@ -796,17 +1013,19 @@ def pool_record(small: LM, large: LM) -> dict:
 
 
 def build_records(small: LM, large: LM, questions: list, max_new_tokens: int,
-                  batch_size: int) -> list:
+                  batch_size: int, compile: bool = False) -> list:
     """Schema-1 records for a list of questions (DESIGN.md section 3)."""
     prompts = [encode_prompt(small.tokenizer, q["question"]) for q in questions]
-    drafts = generate_all(small, prompts, max_new_tokens, batch_size, stats=True, desc="small")
+    drafts = generate_all(small, prompts, max_new_tokens, batch_size, stats=True, desc="small",
+                          compile=compile)
     solutions = [split_steps(small, g.ids, g.logprobs, g.entropies) for g in drafts]
 
     jobs = [(qi, k) for qi, steps in enumerate(solutions) for k in range(len(steps))]
     prefixes = {(qi, k): "".join(s["text"] for s in solutions[qi][:k]) for qi, k in jobs}
     cont_prompts = [encode_prompt(large.tokenizer, questions[qi]["question"], prefixes[qi, k])
                     for qi, k in jobs]
-    conts = generate_all(large, cont_prompts, max_new_tokens, batch_size, desc="large")
+    conts = generate_all(large, cont_prompts, max_new_tokens, batch_size, desc="large",
+                         compile=compile)
 
     records = []
     for qi, q in enumerate(questions):
@@ -827,16 +1046,86 @@ def build_records(small: LM, large: LM, questions: list, max_new_tokens: int,
     return records
 
 
+def shard_of_env() -> tuple:
+    """(rank, world size, local rank) of this process under `accelerate launch` or
+    `torchrun` (which set RANK / WORLD_SIZE / LOCAL_RANK); (0, 1, 0) when run alone."""
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+    if not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} is not within WORLD_SIZE={world}")
+    return rank, world, local
+
+
+def part_path(out: Path, rank: int, world: int) -> Path:
+    """The table that process `rank` of `world` writes; merged into --out at the end."""
+    return out.with_name(f"{out.name}.rank{rank}-of-{world}.jsonl")
+
+
+def part_files(out: Path) -> list:
+    return sorted(out.parent.glob(f"{out.name}.rank*-of-*.jsonl"))
+
+
 def check_resumable(out: Path, pool: dict) -> set:
-    """Ids already written to --out; refuse to append a table of another pool."""
-    ids = done_ids(out)
-    if ids:
-        with out.open(encoding="utf-8") as f:
-            first = json.loads(f.readline())
-        if first.get("pool") != pool:
-            raise UsageError(f"--out {out}: holds a table of another pool "
-                             f"({first.get('pool')}); choose another --out")
+    """Ids already written to --out or to the part tables of a sharded run; refuse to
+    append a table of another pool."""
+    ids = set()
+    for path in [out] + part_files(out):
+        found = done_ids(path)
+        if found:
+            with path.open(encoding="utf-8") as f:
+                first = json.loads(f.readline())
+            if first.get("pool") != pool:
+                raise UsageError(f"--out {path}: holds a table of another pool "
+                                 f"({first.get('pool')}); choose another --out")
+        ids |= found
     return ids
+
+
+def merge_parts(out: Path, order: list) -> int:
+    """Append to --out the records of every part table not there yet (in the order of the
+    question ids `order`, then any others), each line whole and synced; then remove the
+    parts. Safe to repeat after a crash at any point: ids already in --out are skipped."""
+    have = done_ids(out)
+    found = {}
+    for path in part_files(out):
+        done_ids(path)  # cut a torn tail
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec["id"] not in have:
+                    found.setdefault(rec["id"], rec)
+    rank = {qid: i for i, qid in enumerate(order)}
+    with out.open("a", encoding="utf-8") as f:
+        for qid in sorted(found, key=lambda q: rank.get(q, len(rank))):
+            append_record(f, found[qid])
+    for path in part_files(out):
+        path.unlink()
+        path.with_suffix(".done").unlink(missing_ok=True)
+    return len(found)
+
+
+def finish_shard(out: Path, rank: int, world: int, order: list) -> bool:
+    """Mark this process's part as complete; the process that completes the set merges
+    all parts into --out (a lock file makes sure only one does). True if it merged."""
+    part = part_path(out, rank, world)
+    part.touch()
+    part.with_suffix(".done").touch()
+    if not all(part_path(out, r, world).with_suffix(".done").exists() for r in range(world)):
+        return False
+    lock = out.with_name(out.name + ".merging")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    try:
+        merge_parts(out, order)
+    finally:
+        os.close(fd)
+        lock.unlink()
+    return True
 
 
 def parse_args(argv=None):
@@ -853,18 +1142,30 @@ def parse_args(argv=None):
     p.add_argument("--large", default=DEFAULT_LARGE, help="hub id, model folder or .gguf file")
     p.add_argument("--out", required=True, help="schema-1 JSONL table (appended to; resumable)")
     p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call")
+    p.add_argument("--batch-size", default="16",
+                   help="sequences decoded together (slots), or 'auto': as many as free GPU "
+                        "memory holds (up to 512; 16 on a CPU)")
     p.add_argument("--chunk-size", type=int, default=64,
-                   help="questions per round (their lines are written when it ends)")
+                   help="questions per round (their lines are written when it ends); on a GPU "
+                        "make it large enough to fill the batch with continuations")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through CUDA graphs captured once per cache-length bucket "
+                        "(GPU only; removes the kernel-launch overhead of eager decoding)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), "
                         "bfloat16, float16, float32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            raise UsageError(f"--batch-size must be an integer or 'auto', got "
+                             f"{args.batch_size!r}") from None
     for flag in ("limit", "max_new_tokens", "batch_size", "chunk_size"):
         value = getattr(args, flag)
-        if value is not None and value < 1:
+        if isinstance(value, int) and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.offset < 0:
         raise UsageError(f"--offset must be >= 0, got {args.offset}")
@@ -877,27 +1178,63 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    rank, world, local = shard_of_env()
+    device = args.device
+    if world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local % torch.cuda.device_count()}"  # one GPU per process
+    if args.compile and not resolve_device(device).startswith("cuda"):
+        raise UsageError("--compile captures CUDA graphs: it needs a CUDA device")
 
     questions = load_questions(args.dataset, args.split, args.limit, args.offset)
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {out}: is a folder, expected a .jsonl file path")
-    small = load_lm(args.small, args.device, args.dtype)
-    large = small if args.large == args.small else load_lm(args.large, args.device, args.dtype)
+    small = load_lm(args.small, device, args.dtype)
+    large = small if args.large == args.small else load_lm(args.large, device, args.dtype)
     done = check_resumable(out, pool_record(small, large))
-    todo = [q for q in questions if q["id"] not in done]
-    if done:
-        print(f"resuming {out}: {len(questions) - len(todo)} of {len(questions)} questions "
+    order = [q["id"] for q in questions]
+    if world == 1 and part_files(out):  # parts left by an interrupted sharded run
+        print(f"merging {merge_parts(out, order)} questions of an earlier sharded run "
+              f"into {out}", file=sys.stderr)
+    # a question's process follows from its place in the question list, so processes that
+    # start at different moments agree on who does what, also when resuming
+    todo = [q for i, q in enumerate(questions) if i % world == rank and q["id"] not in done]
+    if done and rank == 0:
+        print(f"resuming {out}: {len(set(order) & done)} of {len(questions)} questions "
               "already there", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a", encoding="utf-8") as f, \
-            tqdm(total=len(questions), initial=len(questions) - len(todo), desc="questions",
-                 unit="q", disable=None) as bar:
+
+    # one cache length per model for the whole run (the longest prompt it can meet), so the
+    # engines are allocated once and CUDA graphs are captured once per bucket
+    longest = max((len(encode_prompt(small.tokenizer, q["question"])) for q in todo), default=1)
+    lengths = [(small, longest + args.max_new_tokens),
+               (large, longest + 2 * args.max_new_tokens + 64)]  # + re-encoding slack
+    batch = args.batch_size
+    if batch == "auto":
+        batch = auto_batch_size(lengths if large is not small else
+                                [(small, lengths[1][1])], small.device)
+        print(f"--batch-size auto: {batch} sequences", file=sys.stderr)
+    if todo:
+        for lm, length in (lengths if large is not small else [(small, lengths[1][1])]):
+            engine_for(lm, batch, length, args.compile)
+
+    target = out if world == 1 else part_path(out, rank, world)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if world > 1:
+        target.with_suffix(".done").unlink(missing_ok=True)
+    with target.open("a", encoding="utf-8") as f, \
+            tqdm(total=len(todo), desc=f"questions (process {rank + 1}/{world})" if world > 1
+                 else "questions", unit="q", disable=None if rank == 0 else True) as bar:
         for c in range(0, len(todo), args.chunk_size):
             chunk = todo[c:c + args.chunk_size]
-            for rec in build_records(small, large, chunk, args.max_new_tokens, args.batch_size):
+            for rec in build_records(small, large, chunk, args.max_new_tokens, batch,
+                                     args.compile):
                 append_record(f, rec)
             bar.update(len(chunk))
+    if world > 1:
+        if finish_shard(out, rank, world, order):
+            print(f"wrote {out} ({len(questions)} questions, merged from {world} processes)",
+                  file=sys.stderr)
+        return 0
     print(f"wrote {out} ({len(questions)} questions)", file=sys.stderr)
     return 0
 

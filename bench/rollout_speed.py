@@ -62,9 +62,9 @@ def sync(lm):
         torch.cuda.synchronize()
 
 
-def table_build(lm, questions, max_new, batch):
+def table_build(lm, questions, max_new, batch, compile=False):
     t = time.perf_counter()
-    records = rollout.build_records(lm, lm, questions, max_new, batch)
+    records = rollout.build_records(lm, lm, questions, max_new, batch, compile)
     sync(lm)
     secs = time.perf_counter() - t
     small = sum(s["tokens"] for r in records for s in r["small"]["steps"])
@@ -144,15 +144,17 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--compile", action="store_true", help="CUDA graphs in the table build")
     args = p.parse_args()
     lm = random_lm(args.config, args.tokenizer, args.device, args.dtype) if args.config \
         else rollout.load_lm(args.model, args.device, args.dtype)
     questions = rollout.load_questions(args.dataset, args.split, limit=args.questions)
     rollout.newline_flags(lm)
-    rollout.build_records(lm, lm, questions[:2], 8, 2)  # warm-up
+    rollout.build_records(lm, lm, questions[:2], args.max_new_tokens, args.batch_size,
+                          args.compile)  # warm-up (and graph capture)
 
     secs, toks, seqs, prompts, records = table_build(lm, questions, args.max_new_tokens,
-                                                     args.batch_size)
+                                                     args.batch_size, args.compile)
     steps = sum(len(r["small"]["steps"]) for r in records) / len(records)
     print(f"table build : {toks} tokens in {secs:.1f}s = {toks / secs:.1f} tok/s "
           f"({len(records)} questions, {steps:.1f} steps each, {seqs} sequences)")
