@@ -279,7 +279,10 @@ def parse_args(argv=None):
     p.add_argument("--target-relative", type=float, default=0.95, metavar="R",
                    help="accuracy target: R x the large model's accuracy (default 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=320, help="per generation (default 320)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (default 16)")
+    p.add_argument("--batch-size", default="16",
+                   help="sequences decoded together, or 'auto' (GPU: as many as memory holds; default 16)")
+    p.add_argument("--compile", action="store_true",
+                   help="rollout.py --compile: CUDA graphs for decoding (GPU only)")
     p.add_argument("--chunk-size", type=int, default=16, metavar="N",
                    help="questions per rollout round; an interruption loses at most one (default 16)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware computes in it, else float32), bfloat16, float16, float32 (default auto)")
@@ -288,8 +291,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.small is None) != (args.large is None):
         raise UsageError("--small and --large go together (or neither: fetch the Qwen coder pool)")
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            raise UsageError(f"--batch-size must be an integer or 'auto', got {args.batch_size!r}") from None
     for flag in ("train", "calib", "test", "max_new_tokens", "batch_size", "chunk_size"):
-        if getattr(args, flag) < 1:
+        if isinstance(getattr(args, flag), int) and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not args.target_relative > 0:
         raise UsageError(f"--target-relative must be > 0, got {args.target_relative}")
@@ -378,7 +386,7 @@ def main(argv=None) -> int:
                    "--offset", str(offsets[s]), "--limit", str(n), "--small", small, "--large", large,
                    "--out", str(paths[s]), "--max-new-tokens", str(args.max_new_tokens),
                    "--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size),
-                   "--dtype", args.dtype, "--device", args.device]
+                   "--dtype", args.dtype, "--device", args.device] + (["--compile"] if args.compile else [])
             seconds = run_stage(i, name, cmd, "resumed" if have else "ran",
                                 f"{n - have} of {n} questions ({args.split} {offsets[s]}..{offsets[s] + n - 1})"
                                 f" -> {paths[s]}")

@@ -14,6 +14,14 @@ Run it (the paper's pool; any hub id, local folder or .gguf file works for --sma
         --small Qwen/Qwen2.5-Math-1.5B-Instruct --large Qwen/Qwen2.5-Math-7B-Instruct \\
         --out results/gsm8k/test.jsonl
 
+On a GPU, let it size the batch and replay the decode step as CUDA graphs; on several GPUs,
+launch one process per GPU (each takes every n-th question; the parts are merged into --out):
+
+    python rollout.py --dataset gsm8k --split train --batch-size auto --compile \
+        --chunk-size 512 --out results/gsm8k/train.jsonl
+    accelerate launch --multi_gpu --num_processes 8 rollout.py --dataset gsm8k \
+        --split train --batch-size auto --compile --chunk-size 512 --out results/gsm8k/train.jsonl
+
 The output is schema-1 JSONL (DESIGN.md section 3), one question per line, each line
 written whole and flushed. Running again with the same --out skips the ids already there,
 so an interrupted run resumes without losing or duplicating anything.
@@ -664,18 +672,28 @@ def auto_batch_size(pool: list, device, cap: int = 512, reserve: float = 0.25) -
 SLOT_ATTENTION = "stepwise_slots"
 
 
+SLOT_ATTENTION_KERNEL = "sdpa"  # or "bmm"; bench/decode_profile.py times both
+
+
 def slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Decode-step attention over the slot cache: one query per slot, grouped query heads
-    computed against their shared key/value head without copying it, over the first
-    attention_mask.shape[-1] positions (the step's bucket). Returns [B, 1, heads, dim]."""
+    """Decode-step attention over the slot cache: one query per slot, over the first
+    attention_mask.shape[-1] positions (the step's bucket). The query heads that share a
+    key/value head are packed as that head's queries, so keys and values are read once
+    and never copied per query head. Returns [B, 1, heads, dim]."""
     import torch
     b, heads, _, dim = query.shape
     kv_heads, span = key.shape[1], attention_mask.shape[-1]
     groups = heads // kv_heads
+    scale = scaling or dim ** -0.5
+    if SLOT_ATTENTION_KERNEL == "sdpa":
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(b, kv_heads, groups, dim), key[:, :, :span], value[:, :, :span],
+            attn_mask=attention_mask.view(b, 1, 1, span), scale=scale)
+        return out.reshape(b, heads, dim)[:, None], None
     q = query.reshape(b * kv_heads, groups, dim)
     k = key[:, :, :span].reshape(b * kv_heads, span, dim)  # a view: slots x heads merge
     v = value[:, :, :span].reshape(b * kv_heads, span, dim)
-    scores = torch.bmm(q, k.transpose(1, 2)).float() * (scaling or dim ** -0.5)
+    scores = torch.bmm(q, k.transpose(1, 2)).float() * scale
     scores = scores.view(b, kv_heads, groups, span).masked_fill(
         ~attention_mask.view(b, 1, 1, span), float("-inf"))
     probs = scores.softmax(dim=-1).to(v.dtype).view(b * kv_heads, groups, span)
@@ -705,10 +723,14 @@ class SlotCache:
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.index = torch.zeros((slots, kv_heads, 1, head_dim), dtype=torch.long, device=p.device)
 
+        self.rows = slots  # a decode step works on the first `rows` slots
+
     def update(self, key, value, layer_idx, *args, **kwargs):
-        self.keys[layer_idx].scatter_(2, self.index, key)
-        self.values[layer_idx].scatter_(2, self.index, value)
-        return self.keys[layer_idx], self.values[layer_idx]
+        n = self.rows
+        k, v = self.keys[layer_idx][:n], self.values[layer_idx][:n]
+        k.scatter_(2, self.index[:n], key)
+        v.scatter_(2, self.index[:n], value)
+        return k, v
 
     def get_seq_length(self, layer_idx=0) -> int:
         return 0
@@ -733,14 +755,16 @@ class SlotEngine:
         self.pool = None
         # what the engine did, for benchmarks: decode steps, rows fed, cache positions
         # attended (per row, and over whole buckets), prompt tokens encoded / needed
-        self.counters = dict(steps=0, rows=0, positions=0, span_positions=0,
+        self.counters = dict(steps=0, rows=0, slot_steps=0, positions=0, span_positions=0,
                              prefill_tokens=0, prompt_tokens=0)
 
-    def _decode(self, span: int) -> None:
-        """One decode step over every slot, attending to the first `span` positions."""
+    def _decode(self, span: int, rows: int) -> None:
+        """One decode step over the first `rows` slots, attending to the first `span`
+        positions of each."""
         import torch
-        tokens, lengths = self.inputs[0], self.inputs[1]
-        self.cache.index.copy_(lengths.view(-1, 1, 1, 1).expand_as(self.cache.index))
+        tokens, lengths = self.inputs[0, :rows], self.inputs[1, :rows]
+        self.cache.rows = rows
+        self.cache.index[:rows].copy_(lengths.view(-1, 1, 1, 1).expand_as(self.cache.index[:rows]))
         mask = (self.positions[:span][None, :] <= lengths[:, None])[:, None, None, :]
         model, cfg = self.lm.model, self.lm.model.config
         saved = cfg._attn_implementation
@@ -753,27 +777,28 @@ class SlotEngine:
         finally:
             cfg._attn_implementation_internal = saved
         lp, ent = token_stats(logits)
-        self.outputs[0].copy_(logits.argmax(dim=-1))
-        self.outputs[1].copy_(lp)
-        self.outputs[2].copy_(ent)
+        self.outputs[0, :rows].copy_(logits.argmax(dim=-1))
+        self.outputs[1, :rows].copy_(lp)
+        self.outputs[2, :rows].copy_(ent)
 
-    def decode(self, span: int) -> None:
+    def decode(self, span: int, rows: int) -> None:
         import torch
+        key = (span, rows)
         with torch.inference_mode():
-            if self.graphs and span not in self.captured:
+            if self.graphs and key not in self.captured:
                 try:
-                    self.captured[span] = self._capture(span)
+                    self.captured[key] = self._capture(span, rows)
                 except Exception as err:  # noqa: BLE001 - keep going, eagerly, and say so
                     print(f"--compile: capturing the decode step failed ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); decoding eagerly",
                           file=sys.stderr)
                     self.graphs = False
             if self.graphs:
-                self.captured[span].replay()
+                self.captured[key].replay()
             else:
-                self._decode(span)
+                self._decode(span, rows)
 
-    def _capture(self, span: int):
+    def _capture(self, span: int, rows: int):
         """Record the decode step for this bucket as a CUDA graph (after a warm-up step on a
         side stream, as CUDA graphs require). The warm-up writes the keys/values of the step
         that replay() is about to write anyway, so it changes nothing."""
@@ -781,13 +806,13 @@ class SlotEngine:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._decode(span)
+            self._decode(span, rows)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._decode(span)
+            self._decode(span, rows)
         return graph
 
     def prefill(self, roots: list, members: list) -> list:
@@ -834,23 +859,27 @@ class SlotEngine:
         decoded = None
         stop = set(self.lm.stop_ids)
         while queue or any(r is not None for r in rows):
-            free = [s for s in range(self.slots) if rows[s] is None]
+            free = [s for s in reversed(range(self.slots)) if rows[s] is None]  # pop(): lowest
             if queue and (len(free) >= max(1, self.slots // 8) or len(free) == self.slots):
                 roots, members = [], []  # one prefill call per prefill_tokens (padded)
                 while queue and free:
                     family = queue.pop()
-                    if len(family) > len(free):  # split it: the rest waits, with its own root
-                        family, rest = family[:len(free)], family[len(free):]
-                        queue.append(rest)
+                    if len(family) > len(free):
+                        if len(family) <= self.slots and len(free) < self.slots:
+                            queue.append(family)  # wait until it fits whole: one prefill
+                            break
+                        family, rest = family[:len(free)], family[len(free):]  # split
+                        queue.append(rest)  # the rest waits, with its own root
                     roots.append(prompts[family[0]])
                     for i in family:
                         s = free.pop()
                         members.append((s, len(roots) - 1, i))
                         rows[s] = [i, [], [], []]
-                    if len(roots) * max(map(len, roots)) >= self.prefill_tokens or not queue \
-                            or not free:
+                    if len(roots) * max(map(len, roots)) >= self.prefill_tokens:
                         self._admit(roots, members, length, pending, prompts)
                         roots, members = [], []
+                if roots:
+                    self._admit(roots, members, length, pending, prompts)
             if decoded is None and any(r is not None and s not in pending
                                        for s, r in enumerate(rows)):
                 decoded = self.outputs.T.tolist()
@@ -881,12 +910,19 @@ class SlotEngine:
             decoded = None
             if fed:
                 span = min(-(-(max(length) + 1) // BUCKET) * BUCKET, self.length)
+                # new rows take the lowest free slots, so the live ones gather at the front:
+                # decode the smallest power-of-two share of the slots (>= 1/8) holding them
+                n = max(1, self.slots // 8)
+                while n < fed[-1] + 1:
+                    n *= 2
+                n = min(n, self.slots)
                 self.inputs.copy_(torch.tensor([feed, length], dtype=torch.long))
-                self.decode(span)
+                self.decode(span, n)
                 c = self.counters
                 c["steps"] += 1
                 c["rows"] += len(fed)
-                c["span_positions"] += span * self.slots
+                c["span_positions"] += span * n
+                c["slot_steps"] += n
                 for s in fed:
                     length[s] += 1
                     c["positions"] += length[s]

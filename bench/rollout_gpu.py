@@ -130,7 +130,8 @@ def engine_run(lm, prompts: list, args, batch: int, graphs: bool) -> dict:
                 steps=c["steps"], ms_step=1e3 * secs / max(1, c["steps"]),
                 rows_per_step=c["rows"] / max(1, c["steps"]),
                 context_per_row=c["positions"] / max(1, c["rows"]),
-                span_per_step=c["span_positions"] / max(1, c["steps"]) / batch,
+                slots_per_step=c["slot_steps"] / max(1, c["steps"]),
+                span_per_step=c["span_positions"] / max(1, c["slot_steps"]),
                 prefill_tokens=c["prefill_tokens"], prompt_tokens=c["prompt_tokens"])
 
 
@@ -182,7 +183,7 @@ def main():
             row[name] = r
             print(f"[{shape}] engine {name} (graphs used: {r['graphs']}) batch {batch}: "
                   f"{r['tok_s']:.0f} tok/s, {r['ms_step']:.2f} ms/step over {r['steps']} steps, "
-                  f"{r['rows_per_step']:.0f} rows/step, context {r['context_per_row']:.0f}, "
+                  f"{r['rows_per_step']:.0f} rows/step ({r['slots_per_step']:.0f} slots decoded), context {r['context_per_row']:.0f}, "
                   f"span {r['span_per_step']:.0f}, prefill {r['prefill_tokens']} of "
                   f"{r['prompt_tokens']} prompt tokens, warm-up {r['warmup_secs']:.1f}s",
                   flush=True)
@@ -196,7 +197,8 @@ def main():
                 r = row[name]
                 r["floor_ms"] = 1e3 * (weights + r["rows_per_step"] * r["context_per_row"]
                                        * kv_token) / bw
-                r["floor_span_ms"] = 1e3 * (weights + batch * r["span_per_step"] * kv_token) / bw
+                r["floor_span_ms"] = 1e3 * (weights + r["slots_per_step"] * r["span_per_step"]
+                                            * kv_token) / bw
         rows.append(row)
         del lm
         if str(args.device).startswith("cuda"):
