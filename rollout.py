@@ -18,9 +18,9 @@ On a GPU, let it size the batch and replay the decode step as CUDA graphs; on se
 launch one process per GPU (each takes every n-th question; the parts are merged into --out):
 
     python rollout.py --dataset gsm8k --split train --batch-size auto --compile \
-        --chunk-size 512 --out results/gsm8k/train.jsonl
+        --out results/gsm8k/train.jsonl
     accelerate launch --multi_gpu --num_processes 8 rollout.py --dataset gsm8k \
-        --split train --batch-size auto --compile --chunk-size 512 --out results/gsm8k/train.jsonl
+        --split train --batch-size auto --compile --out results/gsm8k/train.jsonl
 
 The output is schema-1 JSONL (DESIGN.md section 3), one question per line, each line
 written whole and flushed. Running again with the same --out skips the ids already there,
@@ -745,7 +745,8 @@ class SlotEngine:
         import torch
         _register_slot_attention()
         self.lm, self.slots, self.length, self.prefill_tokens = lm, slots, length, prefill_tokens
-        self.graphs = graphs and lm.device.type == "cuda"
+        self.want_graphs = graphs
+        self.graphs = graphs and lm.device.type == "cuda"  # False after a failed capture
         dev = lm.device
         self.cache = SlotCache(lm.model, slots, length)
         self.inputs = torch.zeros((2, slots), dtype=torch.long, device=dev)  # tokens, positions
@@ -941,7 +942,8 @@ def engine_for(lm: LM, slots: int, length: int, graphs: bool) -> SlotEngine:
     """The model's engine, reused while it is big enough (a new one replaces it when a
     longer cache is needed; lengths are rounded up to BUCKET so that this is rare)."""
     eng = getattr(lm, "engine", None)
-    if eng is not None and eng.slots == slots and eng.length >= length and eng.graphs == graphs:
+    if eng is not None and eng.slots == slots and eng.length >= length \
+            and eng.want_graphs == graphs:
         return eng
     if eng is not None:
         lm.engine = None
@@ -1181,9 +1183,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", default="16",
                    help="sequences decoded together (slots), or 'auto': as many as free GPU "
                         "memory holds (up to 512; 16 on a CPU)")
-    p.add_argument("--chunk-size", type=int, default=64,
-                   help="questions per round (their lines are written when it ends); on a GPU "
-                        "make it large enough to fill the batch with continuations")
+    p.add_argument("--chunk-size", default="auto",
+                   help="questions per round (their lines are written when it ends; the small "
+                        "model's solutions of a round are decoded together); auto: the larger "
+                        "of 64 and the batch size")
     p.add_argument("--compile", action="store_true",
                    help="decode through CUDA graphs captured once per cache-length bucket "
                         "(GPU only; removes the kernel-launch overhead of eager decoding)")
@@ -1193,12 +1196,14 @@ def parse_args(argv=None):
                         "bfloat16, float16, float32")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.batch_size != "auto":
-        try:
-            args.batch_size = int(args.batch_size)
-        except ValueError:
-            raise UsageError(f"--batch-size must be an integer or 'auto', got "
-                             f"{args.batch_size!r}") from None
+    for flag in ("batch_size", "chunk_size"):
+        value = getattr(args, flag)
+        if value != "auto":
+            try:
+                setattr(args, flag, int(value))
+            except ValueError:
+                raise UsageError(f"--{flag.replace('_', '-')} must be an integer or 'auto', "
+                                 f"got {value!r}") from None
     for flag in ("limit", "max_new_tokens", "batch_size", "chunk_size"):
         value = getattr(args, flag)
         if isinstance(value, int) and value < 1:
@@ -1249,6 +1254,7 @@ def main(argv=None) -> int:
         batch = auto_batch_size(lengths if large is not small else
                                 [(small, lengths[1][1])], small.device)
         print(f"--batch-size auto: {batch} sequences", file=sys.stderr)
+    chunk = max(64, batch) if args.chunk_size == "auto" else args.chunk_size
     if todo:
         for lm, length in (lengths if large is not small else [(small, lengths[1][1])]):
             engine_for(lm, batch, length, args.compile)
@@ -1260,12 +1266,12 @@ def main(argv=None) -> int:
     with target.open("a", encoding="utf-8") as f, \
             tqdm(total=len(todo), desc=f"questions (process {rank + 1}/{world})" if world > 1
                  else "questions", unit="q", disable=None if rank == 0 else True) as bar:
-        for c in range(0, len(todo), args.chunk_size):
-            chunk = todo[c:c + args.chunk_size]
-            for rec in build_records(small, large, chunk, args.max_new_tokens, batch,
+        for c in range(0, len(todo), chunk):
+            round_ = todo[c:c + chunk]
+            for rec in build_records(small, large, round_, args.max_new_tokens, batch,
                                      args.compile):
                 append_record(f, rec)
-            bar.update(len(chunk))
+            bar.update(len(round_))
     if world > 1:
         if finish_shard(out, rank, world, order):
             print(f"wrote {out} ({len(questions)} questions, merged from {world} processes)",

@@ -172,6 +172,7 @@ def test_finish_shard_merges_once(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--compile"], "--compile captures CUDA graphs: it needs a CUDA device"),
     (["--batch-size", "many"], "--batch-size must be an integer or 'auto'"),
+    (["--chunk-size", "1.5"], "--chunk-size must be an integer or 'auto'"),
 ])
 def test_engine_flags_bad_input(flags, message, tiny_pool, tmp_path):
     data = tmp_path / "d.jsonl"
