@@ -179,7 +179,7 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     for name, points in result["methods"].items():
         marker, color = STYLE.get(name, ("", None))
         x = [p["relative_cost"] for p in points]
@@ -188,7 +188,7 @@ def plot_tradeoff(result: dict, path: Path) -> None:
             ax.scatter(x, y, marker=marker or "o", s=120 if marker == "*" else 50, color=color,
                        edgecolor="k", zorder=5, label=name)
         else:
-            order = sorted(range(len(x)), key=lambda i: x[i])
+            order = sorted(range(len(x)), key=lambda i: (x[i], y[i]))  # ties: no zig-zag
             ax.plot([x[i] for i in order], [y[i] for i in order], "-", marker=".", ms=3,
                     lw=2.2 if name == "policy" else 1.2, color=color, label=name)
     cal = result.get("policy_calibrated")
@@ -201,7 +201,7 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     ax.set_title(f"{Path(result['data']).name}: {result['n']} questions, {result['pricing']['unit']} pricing",
                  fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

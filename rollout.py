@@ -614,18 +614,6 @@ class Generation:
     entropies: list = None
 
 
-def left_pad(prompts: list, pad_id: int):
-    """Token-id prompts as one left-padded batch: (ids [B, W], attention mask [B, W])."""
-    import torch
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p):] = 1
-    return ids, mask
-
-
 def prefix_families(prompts: list) -> dict:
     """Group prompts whose token ids are prefixes of a longer prompt: {root: [members]},
     each member (the root included) a prefix of its root. In lexicographic order a prompt's
@@ -743,6 +731,12 @@ class SlotEngine:
     def __init__(self, lm: LM, slots: int, length: int, graphs: bool = False,
                  prefill_tokens: int = 16384):
         import torch
+        cfg = lm.model.config.get_text_config()
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None) \
+                or (getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
+                    and any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or [])):
+            raise UsageError(f"model {lm.name}: logit soft-capping and sliding-window attention "
+                             "are not supported by rollout.py's decoding engine")
         _register_slot_attention()
         self.lm, self.slots, self.length, self.prefill_tokens = lm, slots, length, prefill_tokens
         self.want_graphs = graphs

@@ -77,13 +77,25 @@ def table_build(lm, questions, max_new, batch, compile=False):
     return secs, small + large, seqs, prompts, records
 
 
+def left_pad(prompts: list, pad_id: int):
+    """Token-id prompts as one left-padded batch: (ids [B, W], attention mask [B, W])."""
+    import torch
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
 def plain_generate(lm, prompts, new_tokens, batch):
     """Plain batched generate on the same prompts, sorted by length, forced lengths."""
     import torch
     prompts = sorted(prompts, key=len)
     t = time.perf_counter()
     for b in range(0, len(prompts), batch):
-        ids, mask = rollout.left_pad(prompts[b:b + batch], lm.pad_id)
+        ids, mask = left_pad(prompts[b:b + batch], lm.pad_id)
         with torch.inference_mode():
             lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,

@@ -185,3 +185,11 @@ def test_engine_flags_bad_input(flags, message, tiny_pool, tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists()
+
+
+def test_unsupported_attention_is_refused(tiny_lms, monkeypatch):
+    """Soft-capped logits or sliding-window layers would be decoded wrongly: a clear error."""
+    small, _ = tiny_lms
+    monkeypatch.setattr(small.model.config, "final_logit_softcapping", 30.0, raising=False)
+    with pytest.raises(rollout.UsageError, match="soft-capping and sliding-window"):
+        SlotEngine(small, slots=2, length=BUCKET)
