@@ -17,9 +17,9 @@ Run it (the paper's pool; any hub id, local folder or .gguf file works for --sma
 On a GPU, let it size the batch and replay the decode step as CUDA graphs; on several GPUs,
 launch one process per GPU (each takes every n-th question; the parts are merged into --out):
 
-    python rollout.py --dataset gsm8k --split train --batch-size auto --compile \
+    python rollout.py --dataset gsm8k --split train --batch-size auto --compile \\
         --out results/gsm8k/train.jsonl
-    accelerate launch --multi_gpu --num_processes 8 rollout.py --dataset gsm8k \
+    accelerate launch --multi_gpu --num_processes 8 rollout.py --dataset gsm8k \\
         --split train --batch-size auto --compile --out results/gsm8k/train.jsonl
 
 The output is schema-1 JSONL (DESIGN.md section 3), one question per line, each line
@@ -885,17 +885,13 @@ class SlotEngine:
                     continue
                 tok, lp, ent = pending.pop(s) if s in pending else decoded[s]
                 tok = int(tok)
-                if tok in stop:
-                    results[row[0]] = Generation(row[1], True, row[2], row[3])
-                    rows[s], length[s] = None, 0
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                row[1].append(tok)
-                row[2].append(lp)
-                row[3].append(ent)
-                if len(row[1]) >= max_new_tokens:  # the budget is spent: no need to feed it
-                    results[row[0]] = Generation(row[1], False, row[2], row[3])
+                finished = tok in stop
+                if not finished:
+                    row[1].append(tok)
+                    row[2].append(lp)
+                    row[3].append(ent)
+                if finished or len(row[1]) >= max_new_tokens:  # a spent budget needs no feed
+                    results[row[0]] = Generation(row[1], finished, row[2], row[3])
                     rows[s], length[s] = None, 0
                     if bar is not None:
                         bar.update(1)
