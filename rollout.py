@@ -631,12 +631,18 @@ def prefix_families(prompts: list) -> dict:
     return families
 
 
-def kv_bytes_per_token(model) -> int:
-    """Bytes of keys and values one token takes in the cache, over all layers."""
+def kv_shape(model) -> tuple:
+    """(layers, key/value heads, head dim) of the model's KV cache."""
     cfg = model.config.get_text_config()
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys and values one token takes in the cache, over all layers."""
+    layers, kv_heads, head_dim = kv_shape(model)
+    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
 
 
 def auto_batch_size(pool: list, device, cap: int = 512, reserve: float = 0.25) -> int:
@@ -701,13 +707,10 @@ class SlotCache:
 
     def __init__(self, model, slots: int, length: int):
         import torch
-        cfg = model.config.get_text_config()
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layers, kv_heads, head_dim = kv_shape(model)
         p = next(model.parameters())
         shape = (slots, kv_heads, length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=p.dtype, device=p.device)
-                     for _ in range(cfg.num_hidden_layers)]
+        self.keys = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in range(layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.index = torch.zeros((slots, kv_heads, 1, head_dim), dtype=torch.long, device=p.device)
 
@@ -756,7 +759,6 @@ class SlotEngine:
     def _decode(self, span: int, rows: int) -> None:
         """One decode step over the first `rows` slots, attending to the first `span`
         positions of each."""
-        import torch
         tokens, lengths = self.inputs[0, :rows], self.inputs[1, :rows]
         self.cache.rows = rows
         self.cache.index[:rows].copy_(lengths.view(-1, 1, 1, 1).expand_as(self.cache.index[:rows]))
@@ -1239,14 +1241,15 @@ def main(argv=None) -> int:
     longest = max((len(encode_prompt(small.tokenizer, q["question"])) for q in todo), default=1)
     lengths = [(small, longest + args.max_new_tokens),
                (large, longest + 2 * args.max_new_tokens + 64)]  # + re-encoding slack
+    if large is small:  # one model, one engine: the longer cache
+        lengths = [(small, lengths[1][1])]
     batch = args.batch_size
     if batch == "auto":
-        batch = auto_batch_size(lengths if large is not small else
-                                [(small, lengths[1][1])], small.device)
+        batch = auto_batch_size(lengths, small.device)
         print(f"--batch-size auto: {batch} sequences", file=sys.stderr)
     chunk = max(64, batch) if args.chunk_size == "auto" else args.chunk_size
     if todo:
-        for lm, length in (lengths if large is not small else [(small, lengths[1][1])]):
+        for lm, length in lengths:
             engine_for(lm, batch, length, args.compile)
 
     target = out if world == 1 else part_path(out, rank, world)

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rollout  # noqa: E402
-from rollout_gpu import SHAPES, copy_bandwidth, random_model, sync  # noqa: E402
+from rollout_gpu import copy_bandwidth  # noqa: E402
+from rollout_speed import CONFIGS as SHAPES, random_model, sync  # noqa: E402
 
 
 def timed(fn, reps: int, device) -> float:

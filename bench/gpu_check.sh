@@ -67,7 +67,7 @@ echo "== 4. rollout.py --batch-size auto --compile on a saved random 1.5B-shape 
 python3 - "$TOK" /tmp/random-1.5b <<'PY'
 import sys, torch
 sys.path[:0] = ["bench", "."]
-from rollout_gpu import random_model
+from rollout_speed import random_model
 from transformers import AutoTokenizer
 lm = random_model("qwen2.5-1.5b", "cuda", torch.bfloat16)
 lm.model.save_pretrained(sys.argv[2])

@@ -32,35 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rollout  # noqa: E402
-from rollout_speed import CONFIGS  # noqa: E402
-
-SHAPES = dict(CONFIGS, tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                                 tie_word_embeddings=True))
-
-
-def sync(device):
-    import torch
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def random_model(shape: str, device: str, dtype):
-    """A causal LM of that shape with random weights, as a rollout.LM with no stop token."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in bf16 directly: a 7B model in fp32 is 30 GB
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
-    model.generation_config.pad_token_id = 0
-    params = sum(p.numel() for p in model.parameters())
-    return rollout.LM(shape, model, None, params, stop_ids=[], pad_id=0)
+from rollout_speed import CONFIGS as SHAPES, random_model, sync  # noqa: E402
 
 
 def copy_bandwidth(device) -> float:

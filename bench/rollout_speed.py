@@ -37,35 +37,57 @@ CONFIGS = {  # shapes of real models, for random-weight timing without the hub
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                        tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,  # CPU smoke runs
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                 tie_word_embeddings=True),
 }
 
 
-def random_lm(config: str, tokenizer_path: str, device: str, dtype: str) -> rollout.LM:
+def random_model(config: str, device: str, dtype) -> rollout.LM:
+    """A causal LM of that shape with random weights (built in `dtype` directly: a 7B model
+    in fp32 is 30 GB), as a rollout.LM with no tokenizer and no stop token."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-    device = rollout.resolve_device(device)
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
     cfg = Qwen2Config(**CONFIGS[config], max_position_embeddings=32768, rope_theta=1e6)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(cfg).to(rollout.resolve_dtype(dtype, device)).eval()
-    stop = [tok.eos_token_id]
-    model.generation_config = GenerationConfig(do_sample=False, eos_token_id=stop,
-                                               pad_token_id=tok.pad_token_id or stop[0])
-    return rollout.LM(config, model, tok, sum(p.numel() for p in model.parameters()), stop,
-                      tok.pad_token_id or stop[0])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.pad_token_id = 0
+    params = sum(p.numel() for p in model.parameters())
+    return rollout.LM(config, model, None, params, stop_ids=[], pad_id=0)
 
 
-def sync(lm):
+def random_lm(config: str, tokenizer_path: str, device: str, dtype: str) -> rollout.LM:
+    """random_model() with a real tokenizer and its end-of-text token as the stop token."""
+    from transformers import AutoTokenizer, GenerationConfig
+    device = rollout.resolve_device(device)
+    lm = random_model(config, device, rollout.resolve_dtype(dtype, device))
+    lm.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    lm.stop_ids = [lm.tokenizer.eos_token_id]
+    if lm.tokenizer.pad_token_id is not None:
+        lm.pad_id = lm.tokenizer.pad_token_id
+    else:
+        lm.pad_id = lm.stop_ids[0]
+    lm.model.generation_config = GenerationConfig(do_sample=False, eos_token_id=lm.stop_ids,
+                                                  pad_token_id=lm.pad_id)
+    return lm
+
+
+def sync(device):
     import torch
-    if str(lm.device).startswith("cuda"):
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def table_build(lm, questions, max_new, batch, compile=False):
     t = time.perf_counter()
     records = rollout.build_records(lm, lm, questions, max_new, batch, compile)
-    sync(lm)
+    sync(lm.device)
     secs = time.perf_counter() - t
     small = sum(s["tokens"] for r in records for s in r["small"]["steps"])
     large = sum(e["tokens"] for r in records for e in r["escalations"])
@@ -100,7 +122,7 @@ def plain_generate(lm, prompts, new_tokens, batch):
             lm.model.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False)
-    sync(lm)
+    sync(lm.device)
     return time.perf_counter() - t, len(prompts) * new_tokens
 
 
@@ -139,14 +161,15 @@ def naive_loop(lm, questions, max_new):
                 [x for s in steps[:k] for x in s], skip_special_tokens=True))
             g = rollout.generate_batch(lm, [prefix_ids], max_new)[0]
             tokens += len(g.ids)
-    sync(lm)
+    sync(lm.device)
     return time.perf_counter() - t, tokens
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="hub id, folder or .gguf (a real model)")
-    p.add_argument("--config", choices=sorted(CONFIGS), help="random weights of this shape")
+    p.add_argument("--config", choices=sorted(set(CONFIGS) - {"tiny"}),  # tiny: 512-token vocab
+                   help="random weights of this shape")
     p.add_argument("--tokenizer", help="tokenizer folder for --config (a Qwen2.5 tokenizer)")
     p.add_argument("--dataset", default="gsm8k")
     p.add_argument("--split", default="test")
