@@ -113,6 +113,9 @@ def validate_record(rec, where: str) -> dict:
     """Check one table line against schema 1; raise UsageError naming `where` if it is off."""
     if not isinstance(rec, dict):
         raise UsageError(f"{where}: expected a JSON object")
+    if "schema" not in rec and "question" in rec and "escalations" not in rec:
+        raise UsageError(f"{where}: this looks like a question file, not a trajectory table "
+                         "(make a table from it with rollout.py --dataset FILE)")
     if rec.get("schema") != SCHEMA:
         raise UsageError(f"{where}: schema {rec.get('schema')!r}, this code reads schema {SCHEMA}")
     for key in ("id", "question", "gold", "pool", "small", "escalations"):
@@ -413,10 +416,61 @@ class LM:
     pad_id: int
     newline_flags: tuple = None  # (has "\n\n", starts with "\n", ends with "\n") per token id
     engine: object = field(default=None, repr=False)  # its SlotEngine, once one is built
+    batch_size: int = 16  # slots of its engine
+    compile: bool = False  # decode through CUDA graphs
+    dtype: str = ""  # what its weights compute in
 
     @property
     def device(self):
         return self.model.device
+
+    # The generation interface that rollout.py and route.py call; api_engine.ApiModel is
+    # its second implementation (a model behind an OpenAI-compatible server).
+    def pool_entry(self) -> dict:
+        return {"model": self.name, "params": self.params, "backend": "local"}
+
+    def solve(self, questions: list, max_new_tokens: int, on_done=None) -> list:
+        """The greedy solution of each question (a string), cut into steps: Drafts."""
+        prompts = [encode_prompt(self.tokenizer, q) for q in questions]
+
+        def draft(i, g):
+            return Draft(len(prompts[i]), split_steps(self, g.ids, g.logprobs, g.entropies), g.finished)
+        gens = generate_all(self, prompts, max_new_tokens, self.batch_size, stats=True,
+                            compile=self.compile,
+                            on_done=on_done and (lambda i, g: on_done(i, draft(i, g))))
+        return [draft(i, g) for i, g in enumerate(gens)]
+
+    def continue_after(self, items: list, max_new_tokens: int, on_done=None) -> list:
+        """The greedy continuation of each (question, accepted steps' text): Continuations."""
+        prompts = [encode_prompt(self.tokenizer, q, prefix) for q, prefix in items]
+
+        def cont(i, g):
+            text = self.tokenizer.decode(g.ids, skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False)
+            return Continuation(len(prompts[i]), len(g.ids), text, g.finished)
+        gens = generate_all(self, prompts, max_new_tokens, self.batch_size, compile=self.compile,
+                            on_done=on_done and (lambda i, g: on_done(i, cont(i, g))))
+        return [cont(i, g) for i, g in enumerate(gens)]
+
+    def drafter(self, question: str, max_new_tokens: int) -> "StepDrafter":
+        return StepDrafter(self, encode_prompt(self.tokenizer, question), max_new_tokens)
+
+
+@dataclass
+class Draft:
+    """A small model's solution to one question, cut into steps."""
+    prompt_tokens: int
+    steps: list  # step dicts: text, tokens, mean/min_logprob, mean/max_entropy
+    finished: bool  # ended with a stop token (False: hit the token limit)
+
+
+@dataclass
+class Continuation:
+    """A large model's continuation after some accepted steps."""
+    prompt_tokens: int
+    tokens: int
+    text: str
+    finished: bool
 
 
 def cpu_has_bf16() -> bool:
@@ -487,7 +541,8 @@ def load_lm(spec: str, device: str = "auto", dtype: str = "auto") -> LM:
         do_sample=False, eos_token_id=stop_ids, pad_token_id=pad_id,
         bos_token_id=gc.bos_token_id)
     params = sum(p.numel() for p in model.parameters())
-    return LM(spec, model, tokenizer, params, stop_ids, pad_id)
+    return LM(spec, model, tokenizer, params, stop_ids, pad_id,
+              dtype=str(torch_dtype).replace("torch.", ""))
 
 
 # ----------------------------------------------------------------------------------------
@@ -840,9 +895,10 @@ class SlotEngine:
             return torch.stack([logits.argmax(-1).double(), lp.double(), ent.double()]).T.tolist()
 
     def run(self, prompts: list, max_new_tokens: int, share_prefixes: bool = True,
-            bar=None) -> list:
-        """Greedy continuations of token-id prompts, in input order. Prompt families are
-        taken shortest root first; new ones join when an eighth of the slots is free."""
+            on_done=None) -> list:
+        """Greedy continuations of token-id prompts, in input order; on_done(index,
+        Generation) is called as each one finishes. Prompt families are taken shortest root
+        first; new ones join when an eighth of the slots is free."""
         import torch
         if any(len(p) + max_new_tokens > self.length for p in prompts):
             raise ValueError("prompt + max_new_tokens exceeds the engine's cache length")
@@ -895,8 +951,8 @@ class SlotEngine:
                 if finished or len(row[1]) >= max_new_tokens:  # a spent budget needs no feed
                     results[row[0]] = Generation(row[1], finished, row[2], row[3])
                     rows[s], length[s] = None, 0
-                    if bar is not None:
-                        bar.update(1)
+                    if on_done is not None:
+                        on_done(row[0], results[row[0]])
                     continue
                 feed[s] = tok
                 fed.append(s)
@@ -948,17 +1004,16 @@ def engine_for(lm: LM, slots: int, length: int, graphs: bool) -> SlotEngine:
 
 
 def generate_all(lm: LM, prompts: list, max_new_tokens: int, batch_size: int,
-                 stats: bool = False, desc: str = "generate", compile: bool = False,
-                 share_prefixes: bool = True) -> list:
+                 stats: bool = False, compile: bool = False, share_prefixes: bool = True,
+                 on_done=None) -> list:
     """Greedy continuations of many token-id prompts (with token statistics if `stats`),
-    returned in input order, through the model's slot engine."""
-    from tqdm.auto import tqdm
+    returned in input order, through the model's slot engine; on_done(index, Generation)
+    as each one finishes."""
     if not prompts:
         return []
     need = max(len(p) for p in prompts) + max_new_tokens
     eng = engine_for(lm, batch_size, need, compile)
-    with tqdm(total=len(prompts), desc=desc, unit="seq", leave=False, disable=None) as bar:
-        results = eng.run(prompts, max_new_tokens, share_prefixes, bar)
+    results = eng.run(prompts, max_new_tokens, share_prefixes, on_done)
     if not stats:
         for g in results:
             g.logprobs = g.entropies = None
@@ -1037,43 +1092,50 @@ def grade(text: str, gold: str, finished: bool) -> dict:
     return {"answer": answer, "correct": is_equivalent(answer, gold), "finished": finished}
 
 
-def pool_record(small: LM, large: LM) -> dict:
-    return {"small": {"model": small.name, "params": small.params},
-            "large": {"model": large.name, "params": large.params}}
+def pool_record(small, large) -> dict:
+    return {"small": small.pool_entry(), "large": large.pool_entry()}
 
 
-def build_records(small: LM, large: LM, questions: list, max_new_tokens: int,
-                  batch_size: int, compile: bool = False) -> list:
-    """Schema-1 records for a list of questions (DESIGN.md section 3)."""
-    prompts = [encode_prompt(small.tokenizer, q["question"]) for q in questions]
-    drafts = generate_all(small, prompts, max_new_tokens, batch_size, stats=True, desc="small",
-                          compile=compile)
-    solutions = [split_steps(small, g.ids, g.logprobs, g.entropies) for g in drafts]
-
-    jobs = [(qi, k) for qi, steps in enumerate(solutions) for k in range(len(steps))]
-    prefixes = {(qi, k): "".join(s["text"] for s in solutions[qi][:k]) for qi, k in jobs}
-    cont_prompts = [encode_prompt(large.tokenizer, questions[qi]["question"], prefixes[qi, k])
-                    for qi, k in jobs]
-    conts = generate_all(large, cont_prompts, max_new_tokens, batch_size, desc="large",
-                         compile=compile)
-
+def build_records(small, large, questions: list, max_new_tokens: int, write) -> None:
+    """Schema-1 records for a list of questions (DESIGN.md section 3), each handed to
+    write(record) as soon as its last continuation is done. `small` and `large` are any
+    two models of the generation interface (LM here, api_engine.ApiModel)."""
+    drafts = small.solve([q["question"] for q in questions], max_new_tokens)
+    pool = pool_record(small, large)
     records = []
-    for qi, q in enumerate(questions):
-        steps = solutions[qi]
-        text = "".join(s["text"] for s in steps)
+    for q, d in zip(questions, drafts):
+        text = "".join(s["text"] for s in d.steps)
         records.append({
             "schema": SCHEMA, "id": q["id"], "dataset": q["dataset"],
-            "question": q["question"], "gold": q["gold"], "pool": pool_record(small, large),
-            "small": {"prompt_tokens": len(prompts[qi]), "steps": steps,
-                      **grade(text, q["gold"], drafts[qi].finished)},
-            "escalations": []})
-    for (qi, k), prompt, g in zip(jobs, cont_prompts, conts):
-        cont = large.tokenizer.decode(g.ids, skip_special_tokens=True,
-                                      clean_up_tokenization_spaces=False)
-        records[qi]["escalations"].append({
-            "after": k, "prompt_tokens": len(prompt), "tokens": len(g.ids), "text": cont,
-            **grade(prefixes[qi, k] + cont, questions[qi]["gold"], g.finished)})
-    return records
+            "question": q["question"], "gold": q["gold"], "pool": pool,
+            "small": {"prompt_tokens": d.prompt_tokens, "steps": d.steps,
+                      **grade(text, q["gold"], d.finished)},
+            "escalations": [None] * len(d.steps)})
+    # the large model after k accepted steps, k = 0..n-1, for every question at once
+    jobs = [(qi, k) for qi, d in enumerate(drafts) for k in range(len(d.steps))]
+    prefixes = ["".join(s["text"] for s in drafts[qi].steps[:k]) for qi, k in jobs]
+    left = [len(d.steps) for d in drafts]
+    for qi in range(len(questions)):
+        if not left[qi]:  # no steps: the small outcome is the only one
+            write(records[qi])
+
+    def done(j: int, c: Continuation) -> None:
+        qi, k = jobs[j]
+        records[qi]["escalations"][k] = {
+            "after": k, "prompt_tokens": c.prompt_tokens, "tokens": c.tokens, "text": c.text,
+            **grade(prefixes[j] + c.text, questions[qi]["gold"], c.finished)}
+        left[qi] -= 1
+        if not left[qi]:
+            write(records[qi])
+    large.continue_after([(questions[qi]["question"], prefixes[j]) for j, (qi, _) in enumerate(jobs)],
+                         max_new_tokens, on_done=done)
+
+
+def records_of(small, large, questions: list, max_new_tokens: int) -> list:
+    """build_records() collected in question order (benchmarks, tests)."""
+    got = {}
+    build_records(small, large, questions, max_new_tokens, lambda r: got.__setitem__(r["id"], r))
+    return [got[q["id"]] for q in questions]
 
 
 def shard_of_env() -> tuple:
@@ -1098,18 +1160,31 @@ def part_files(out: Path) -> list:
     return sorted(out.parent.glob(f"{out.name}.rank*-of-*.jsonl"))
 
 
-def check_resumable(out: Path, pool: dict) -> set:
+def _same_pool(pool: dict) -> dict:
+    """A pool as resuming compares it: where a server runs (base_url) may change."""
+    return {role: {k: v for k, v in (m or {}).items() if k != "base_url"}
+            for role, m in (pool or {}).items()}
+
+
+def check_resumable(out: Path, pool: dict, settings: dict) -> set:
     """Ids already written to --out or to the part tables of a sharded run; refuse to
-    append a table of another pool."""
+    append to a table of another pool or made with other generation settings."""
     ids = set()
     for path in [out] + part_files(out):
         found = done_ids(path)
         if found:
             with path.open(encoding="utf-8") as f:
                 first = json.loads(f.readline())
-            if first.get("pool") != pool:
+            if _same_pool(first.get("pool")) != _same_pool(pool):
                 raise UsageError(f"--out {path}: holds a table of another pool "
                                  f"({first.get('pool')}); choose another --out")
+            if "settings" in first and first["settings"] != settings:
+                diff = sorted(k for k in set(first["settings"]) | set(settings)
+                              if first["settings"].get(k) != settings.get(k))
+                raise UsageError(f"--out {path}: was made with other settings ("
+                                 + ", ".join(f"{k} {first['settings'].get(k)!r} there, "
+                                             f"{settings.get(k)!r} now" for k in diff)
+                                 + "); choose another --out")
         ids |= found
     return ids
 
@@ -1158,6 +1233,57 @@ def finish_shard(out: Path, rank: int, world: int, order: list) -> bool:
     return True
 
 
+def add_api_args(p) -> None:
+    """Flags of the OpenAI-compatible backend (api_engine.py), for rollout.py and route.py."""
+    g = p.add_argument_group("models behind an OpenAI-compatible server (vLLM, SGLang, TGI, "
+                             "llama.cpp, hosted APIs)")
+    g.add_argument("--small-api", metavar="URL", default=None,
+                   help="base URL (.../v1) of a server that serves --small")
+    g.add_argument("--large-api", metavar="URL", default=None,
+                   help="base URL (.../v1) of a server that serves --large")
+    g.add_argument("--api-key-env", metavar="NAME", default=None,
+                   help="environment variable holding the key (default: OPENAI_API_KEY if set; "
+                        "local servers need none)")
+    g.add_argument("--top-logprobs", type=int, default=20,
+                   help="top log-probabilities per token asked of the small model's server; "
+                        "entropies are computed over them plus one bucket for the rest")
+    g.add_argument("--continuation", default="auto", choices=["auto", "completions", "prefill", "instruct"],
+                   help="how the large model continues accepted steps: raw completions of the "
+                        "templated prompt, a continued assistant message, or an instruction "
+                        "(auto: the first the server allows)")
+    g.add_argument("--concurrency", type=int, default=16, help="requests in flight per server")
+    g.add_argument("--max-retries", type=int, default=6,
+                   help="retries of a failed request (429, 5xx, timeouts) before the run stops")
+
+
+def load_model(spec: str, api: str | None, args, device: str = "auto"):
+    """A model of the pool: loaded here (LM), or behind a server (api_engine.ApiModel)."""
+    if api is None:
+        lm = load_lm(spec, device, args.dtype)
+        lm.batch_size, lm.compile = getattr(args, "batch_size", 1), getattr(args, "compile", False)
+        return lm
+    from api_engine import ApiModel
+    return ApiModel(spec, api, args.api_key_env, args.top_logprobs, args.continuation,
+                    args.concurrency, max_retries=args.max_retries, seed=args.seed)
+
+
+class Progress:
+    """A progress line per finished question (done/total, seconds per question, time left),
+    also when stderr is not a terminal (a build in the background logs to a file)."""
+
+    def __init__(self, total: int, label: str = "questions"):
+        import time
+        self.total, self.done, self.label, self.clock = total, 0, label, time.time
+        self.start = self.clock()
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+        per = (self.clock() - self.start) / self.done
+        left = per * (self.total - self.done)
+        print(f"{self.label}: {self.done}/{self.total} done, {per:.0f} s/question, "
+              f"about {left / 60:.0f} min left", file=sys.stderr, flush=True)
+
+
 def parse_args(argv=None):
     p = ArgumentParser(
         description="Record exact step trajectories: the small model's solution split into "
@@ -1168,9 +1294,14 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
-    p.add_argument("--small", default=DEFAULT_SMALL, help="hub id, model folder or .gguf file")
-    p.add_argument("--large", default=DEFAULT_LARGE, help="hub id, model folder or .gguf file")
+    p.add_argument("--small", default=DEFAULT_SMALL,
+                   help="hub id, model folder or .gguf file; with --small-api, the model the "
+                        "server serves")
+    p.add_argument("--large", default=DEFAULT_LARGE,
+                   help="hub id, model folder or .gguf file; with --large-api, the model the "
+                        "server serves")
     p.add_argument("--out", required=True, help="schema-1 JSONL table (appended to; resumable)")
+    add_api_args(p)
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--batch-size", default="16",
                    help="sequences decoded together (slots), or 'auto': as many as free GPU "
@@ -1196,7 +1327,8 @@ def parse_args(argv=None):
             except ValueError:
                 raise UsageError(f"--{flag.replace('_', '-')} must be an integer or 'auto', "
                                  f"got {value!r}") from None
-    for flag in ("limit", "max_new_tokens", "batch_size", "chunk_size"):
+    for flag in ("limit", "max_new_tokens", "batch_size", "chunk_size", "concurrency",
+                 "top_logprobs"):
         value = getattr(args, flag)
         if isinstance(value, int) and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -1208,7 +1340,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
-    from tqdm.auto import tqdm
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     rank, world, local = shard_of_env()
@@ -1222,9 +1353,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {out}: is a folder, expected a .jsonl file path")
-    small = load_lm(args.small, device, args.dtype)
-    large = small if args.large == args.small else load_lm(args.large, device, args.dtype)
-    done = check_resumable(out, pool_record(small, large))
+    small = load_model(args.small, args.small_api, args, device)
+    large = small if (args.large, args.large_api) == (args.small, args.small_api) \
+        else load_model(args.large, args.large_api, args, device)
+    # what made the table besides the pool: a resumed table must have been made the same way
+    settings = {"max_new_tokens": args.max_new_tokens, "prompt": SYSTEM_PROMPT,
+                "dtype": sorted({m.dtype for m in (small, large) if isinstance(m, LM)}) or None}
+    done = check_resumable(out, pool_record(small, large), settings)
     order = [q["id"] for q in questions]
     if world == 1 and part_files(out):  # parts left by an interrupted sharded run
         print(f"merging {merge_parts(out, order)} questions of an earlier sharded run "
@@ -1236,35 +1371,40 @@ def main(argv=None) -> int:
         print(f"resuming {out}: {len(set(order) & done)} of {len(questions)} questions "
               "already there", file=sys.stderr)
 
-    # one cache length per model for the whole run (the longest prompt it can meet), so the
-    # engines are allocated once and CUDA graphs are captured once per bucket
-    longest = max((len(encode_prompt(small.tokenizer, q["question"])) for q in todo), default=1)
-    lengths = [(small, longest + args.max_new_tokens),
-               (large, longest + 2 * args.max_new_tokens + 64)]  # + re-encoding slack
-    if large is small:  # one model, one engine: the longer cache
-        lengths = [(small, lengths[1][1])]
+    # one cache length per local model for the whole run (the longest prompt it can meet),
+    # so the engines are allocated once and CUDA graphs are captured once per bucket
+    local_models = [m for m in {id(small): small, id(large): large}.values() if isinstance(m, LM)]
     batch = args.batch_size
-    if batch == "auto":
-        batch = auto_batch_size(lengths, small.device)
-        print(f"--batch-size auto: {batch} sequences", file=sys.stderr)
+    if local_models:
+        tok = local_models[0].tokenizer
+        longest = max((len(encode_prompt(tok, q["question"])) for q in todo), default=1)
+        need = {id(small): longest + args.max_new_tokens}
+        need[id(large)] = longest + 2 * args.max_new_tokens + 64  # + re-encoding slack
+        lengths = [(m, need[id(m)]) for m in local_models]  # one model in both roles: the longer
+        if batch == "auto":
+            batch = auto_batch_size(lengths, local_models[0].device)
+            print(f"--batch-size auto: {batch} sequences", file=sys.stderr)
+        if todo:
+            for lm, length in lengths:
+                lm.batch_size = batch
+                engine_for(lm, batch, length, args.compile)
+    elif batch == "auto":
+        batch = args.concurrency
     chunk = max(64, batch) if args.chunk_size == "auto" else args.chunk_size
-    if todo:
-        for lm, length in lengths:
-            engine_for(lm, batch, length, args.compile)
 
     target = out if world == 1 else part_path(out, rank, world)
     target.parent.mkdir(parents=True, exist_ok=True)
     if world > 1:
         target.with_suffix(".done").unlink(missing_ok=True)
-    with target.open("a", encoding="utf-8") as f, \
-            tqdm(total=len(todo), desc=f"questions (process {rank + 1}/{world})" if world > 1
-                 else "questions", unit="q", disable=None if rank == 0 else True) as bar:
+    progress = Progress(len(todo), f"questions (process {rank + 1}/{world})" if world > 1
+                        else "questions")
+    with target.open("a", encoding="utf-8") as f:
+        def write(rec: dict) -> None:  # one whole line, on disk, as soon as it is done
+            append_record(f, {**rec, "settings": settings})
+            if rank == 0:
+                progress()
         for c in range(0, len(todo), chunk):
-            round_ = todo[c:c + chunk]
-            for rec in build_records(small, large, round_, args.max_new_tokens, batch,
-                                     args.compile):
-                append_record(f, rec)
-            bar.update(len(round_))
+            build_records(small, large, todo[c:c + chunk], args.max_new_tokens, write)
     if world > 1:
         if finish_shard(out, rank, world, order):
             print(f"wrote {out} ({len(questions)} questions, merged from {world} processes)",
@@ -1275,4 +1415,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # run as the module `rollout` that api_engine.py and the other stages import, so that
+    # one UsageError class is caught here whoever raises it
+    import rollout
+    rollout.run_cli(rollout.main)

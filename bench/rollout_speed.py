@@ -86,7 +86,8 @@ def sync(device):
 
 def table_build(lm, questions, max_new, batch, compile=False):
     t = time.perf_counter()
-    records = rollout.build_records(lm, lm, questions, max_new, batch, compile)
+    lm.batch_size, lm.compile = batch, compile
+    records = rollout.records_of(lm, lm, questions, max_new)
     sync(lm.device)
     secs = time.perf_counter() - t
     small = sum(s["tokens"] for r in records for s in r["small"]["steps"])
@@ -185,8 +186,8 @@ def main():
         else rollout.load_lm(args.model, args.device, args.dtype)
     questions = rollout.load_questions(args.dataset, args.split, limit=args.questions)
     rollout.newline_flags(lm)
-    rollout.build_records(lm, lm, questions[:2], args.max_new_tokens, args.batch_size,
-                          args.compile)  # warm-up (and graph capture)
+    lm.batch_size, lm.compile = args.batch_size, args.compile
+    rollout.records_of(lm, lm, questions[:2], args.max_new_tokens)  # warm-up (and graph capture)
 
     secs, toks, seqs, prompts, records = table_build(lm, questions, args.max_new_tokens,
                                                      args.batch_size, args.compile)
