@@ -241,6 +241,19 @@ def test_no_kappa_is_the_large_model_alone(hand_eval, tmp_path):
     assert "| policy | large alone | 0.750" in md
 
 
+def test_dollar_prices_as_in_out_pairs(hand_eval, tmp_path):
+    """--price-small/--price-large IN,OUT (dollars per million tokens) price exactly like IN OUT,
+    and the recorded per-token prices are the given ones / 1e6."""
+    d, res = hand_eval
+    assert ev.main(["--data", str(d / "hand.jsonl"), "--out", str(tmp_path / "e"), "--bootstrap", "0",
+                    "--price-small", "0,1", "--price-large", "0,10"]) == 0
+    again = json.loads((tmp_path / "e" / "eval.json").read_text())
+    for name in ("small", "large", "random", "mean_logprob", "oracle"):
+        assert [point(p) for p in again["methods"][name]] == [approx(point(p)) for p in res["methods"][name]]
+    assert again["pricing"] == {"small_in": 0.0, "small_out": pytest.approx(1e-6), "large_in": 0.0,
+                                "large_out": pytest.approx(1e-5), "unit": "dollars"}
+
+
 def test_frontier_keeps_only_undominated_points():
     pts = [{"relative_cost": c, "accuracy": a} for c, a in
            [(0.5, 0.7), (0.2, 0.6), (0.5, 0.6), (0.9, 0.65), (0.3, 0.8), (1.0, 0.8), (0.1, 0.5)]]
