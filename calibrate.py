@@ -12,10 +12,22 @@ step 1). Between two neighbouring grid values the routes, and so the scores, do 
 
 With `--delta D` the choice holds with probability >= 1 - D (fixed-sequence testing): walk
 the grid from the most conservative threshold (kappa = 0, always escalate) towards larger
-kappa, accept a threshold while the one-sided Clopper-Pearson lower bound (level 1 - D) on
-its accuracy (successes out of the n calibration questions) is >= target, stop at the
-first failure, and choose the cheapest accepted threshold. If no kappa meets the target, it
-says so on stderr and chooses kappa = 0 (always escalate).
+kappa, accept a threshold while a one-sided level-(1 - D) test says it meets the target,
+stop at the first failure, and choose the cheapest accepted threshold. For an absolute target
+the test is the Clopper-Pearson lower bound on its accuracy. A relative target R x (large
+accuracy) is itself estimated on the same questions, so there the test bounds the mean paired
+difference d_i = correct_i - R * large_correct_i (in [-R, 1]) away from below 0 with a
+finite-sample betting bound (hedged capital, Waudby-Smith & Ramdas 2024).
+
+If no kappa meets the target, the answer is the large model alone (cheaper than escalating
+at step 1, which pays for a draft): calibration.json says `"kappa": null, "fallback":
+"large"`, and every later stage treats it so. A one-line warning says when the calibration
+set is too small (fewer than 20 questions) or the target is 0 for the choice to mean much.
+
+The same rule (`calibrate_scores()` / `choose_threshold()`) calibrates every handcrafted
+router in evaluate.py --calib-data, so that the policy is compared with deployable baselines.
+calibration.json records hashes of its questions; the table may not share questions with
+the policy's training table (`--allow-overlap` to go on anyway).
 
 Run it:
 
@@ -37,8 +49,8 @@ from pathlib import Path
 import torch
 
 from rollout import UsageError, check_range, make_parser, run_cli
-from train_policy import (Table, add_pricing_args, add_target_args, load_policy,
-                          load_table, policy_probs, resolve_target)
+from train_policy import (Table, add_pricing_args, add_target_args, check_overlap, load_policy,
+                          load_table, plural, policy_probs, resolve_target)
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,17 +138,24 @@ def sweep(table: Table, scores: torch.Tensor, thresholds: torch.Tensor) -> dict:
 
 
 def kappa_grid(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Every distinct probability on valid steps plus the ends (0: always escalate at step 1;
-    just above the maximum: never), ascending."""
+    """Every distinct score on valid steps plus the ends (the smaller of 0 and the minimum:
+    always escalate at step 1; just above the maximum: never), ascending."""
     values = torch.unique(p[mask].double())
     top = values.max().item() if len(values) else 0.5
-    ends = torch.tensor([0.0, math.nextafter(max(top, 0.0), math.inf)], dtype=torch.float64)
+    low = min(0.0, values.min().item()) if len(values) else 0.0
+    ends = torch.tensor([low, math.nextafter(max(top, 0.0), math.inf)], dtype=torch.float64)
     return torch.unique(torch.cat([values, ends]))
 
 
 # ----------------------------------------------------------------------------------------
-# Fixed-sequence testing with one-sided Clopper-Pearson bounds.
+# The target, and fixed-sequence testing of thresholds against it.
 # ----------------------------------------------------------------------------------------
+def target_of(spec: dict, large_correct: torch.Tensor) -> float:
+    """{"accuracy": A} -> A; {"relative": R} -> R * the large model's accuracy on these questions."""
+    kind, value = next(iter(spec.items()))
+    return float(value) * large_correct.double().mean().item() if kind == "relative" else float(value)
+
+
 def binomial_upper_tail(n: int, p: float) -> torch.Tensor:
     """P(X >= k) for X ~ Binomial(n, p), for k = 0..n ([n+1] float64)."""
     k = torch.arange(n + 1, dtype=torch.float64)
@@ -161,29 +180,113 @@ def clopper_pearson_lower(k: int, n: int, delta: float) -> float:
     return lo
 
 
-def choose_kappa(grid, accuracy, cost, n: int, target: float, delta: float | None):
-    """Index into the ascending grid of the chosen kappa, or None if none qualifies.
+BET_CAP = 0.75   # c: a bet risks at most this share of the capital (Waudby-Smith & Ramdas)
 
-    Plain: the cheapest kappa with accuracy >= target (ties: higher accuracy, then larger
-    kappa). With delta: fixed-sequence testing from kappa = 0 upwards while the
-    Clopper-Pearson lower bound >= target, i.e. P(X >= successes | target) <= delta.
+
+def betting_log_capital(x: torch.Tensor, lo: float, delta: float) -> torch.Tensor:
+    """Evidence against H0: E[x] <= 0, for rows x [K,n] of i.i.d. values in [lo, hi], lo < 0.
+
+    Hedged-capital betting (Waudby-Smith & Ramdas, JRSS-B 2024), one-sided: a gambler starts
+    with capital 1 and bets on each question in turn, capital *= 1 + lambda_t * x_t, with
+    lambda_t in [0, c / -lo] chosen from the questions before t (predictable plug-in,
+    lambda_t = sqrt(2 log(1/delta) / (n sigma_{t-1}^2)) with a running variance). Under H0 the
+    capital is a nonnegative supermartingale, so by Ville's inequality it ever reaches 1/delta
+    with probability <= delta. Returns max_t log capital [K]; reject H0 (the mean is >= 0
+    with confidence 1 - delta) where it is >= log(1/delta). Valid for any n, no asymptotics.
     """
-    successes = torch.round(accuracy * n).long()
+    x = x.double()
+    K, n = x.shape
+    t = torch.arange(1, n + 1, dtype=torch.float64)
+    prior = ((1 - lo) / 2) ** 2                     # variance prior: half the range [lo, 1], squared
+    mu = torch.cumsum(x, 1) / (t + 1)                                   # running mean, prior 0
+    var = (prior + torch.cumsum((x - mu) ** 2, 1)) / (t + 1)            # running variance
+    var = torch.cat([torch.full((K, 1), prior, dtype=torch.float64), var[:, :-1]], 1)  # predictable
+    lam = torch.sqrt(2 * math.log(1 / delta) / (n * var.clamp(min=1e-12))).clamp(max=BET_CAP / -lo)
+    log_capital = torch.cumsum(torch.log1p(lam * x), 1)
+    return torch.cat([torch.zeros(K, 1, dtype=torch.float64), log_capital], 1).max(1).values
+
+
+def threshold_passes(correct: torch.Tensor, large_correct: torch.Tensor, spec: dict,
+                     delta: float) -> torch.Tensor:
+    """[K] bool: with confidence 1 - delta, the routes' accuracy meets the target, from their
+    per-question correctness correct [K,n] (in [0, 1]; expectations for a random router).
+
+    Absolute target A, 0/1 outcomes: one-sided Clopper-Pearson, P(X >= successes | A) <= delta.
+    Relative target R x (large accuracy): the target is itself estimated on these questions,
+    so the bound is on the mean paired difference d_i = correct_i - R * large_correct_i
+    (in [-R, 1]), required >= 0, by betting (betting_log_capital). An absolute target with
+    fractional outcomes bounds d_i = correct_i - A in the same way."""
+    n = correct.shape[1]
+    kind, value = next(iter(spec.items()))
+    binary = bool(((correct == 0) | (correct == 1)).all())
+    if kind == "accuracy" and binary:
+        tail = binomial_upper_tail(n, min(max(float(value), 0.0), 1.0))
+        return tail[correct.sum(1).round().long()] <= delta
+    d = correct.double() - (float(value) * large_correct.double() if kind == "relative" else float(value))
+    lo = -float(value)                                  # the least d can be
+    if lo >= 0:                                         # a target of 0: always met
+        return torch.ones(correct.shape[0], dtype=torch.bool)
+    return betting_log_capital(d, lo, delta) >= math.log(1 / delta)
+
+
+def choose_threshold(accuracy: torch.Tensor, cost: torch.Tensor, per_question, large_correct,
+                     spec: dict, delta: float | None, chunk: int = 256):
+    """Index of the chosen threshold, or None (no threshold meets the target: the large model
+    alone). Thresholds are ordered from the most conservative (index 0, always escalate)
+    towards the cheapest; accuracy/cost [K] on the calibration questions; per_question(a, b)
+    gives the per-question correctness [b-a, n] of thresholds a..b-1.
+
+    Plain: the cheapest threshold whose accuracy >= target (ties: higher accuracy, then later).
+    With delta: fixed-sequence testing (no multiplicity correction needed): walk from index 0,
+    accept while threshold_passes(), stop at the first failure; the cheapest accepted wins."""
+    K = len(accuracy)
     if delta is None:
-        ok = successes >= math.ceil(target * n - 1e-9)
+        ok = accuracy >= target_of(spec, large_correct) - 1e-12
     else:
-        tail = binomial_upper_tail(n, min(max(target, 0.0), 1.0))
-        passes = tail[successes] <= delta
-        ok = torch.cumprod(passes.long(), 0).bool()     # accepted until the first failure
+        ok = torch.zeros(K, dtype=torch.bool)
+        for a in range(0, K, chunk):
+            b = min(K, a + chunk)
+            passes = threshold_passes(per_question(a, b), large_correct, spec, delta)
+            run = torch.cumprod(passes.long(), 0).bool()
+            ok[a:b] = run
+            if not run.all():
+                break
     if not ok.any():
         return None
     candidates = torch.nonzero(ok).flatten().tolist()
     return min(candidates, key=lambda i: (cost[i].item(), -accuracy[i].item(), -i))
 
 
-def format_kappa(k: float) -> str:
-    """Thresholds near 1 are printed as 1-eps so that they stay distinct."""
-    return f"1-{1 - k:.2e}" if 0.999 < k < 1 else f"{k:.6g}"
+def calibrate_scores(table: Table, scores: torch.Tensor, spec: dict, delta: float | None) -> dict:
+    """Calibrate the first-crossing rule "escalate at the first step with score >= kappa" on a
+    table: the one rule behind the policy's kappa (calibrate.py) and every handcrafted
+    router's threshold (evaluate.py --calib-data). Returns the grid and its scores, the
+    chosen index (None: the large model alone), and the chosen point."""
+    grid = kappa_grid(scores, table.mask)
+    swept = sweep(table, scores, grid)
+    per_question = lambda a, b: route_outcomes(table, first_crossing(scores, table.mask, grid[a:b]))["correct"]
+    i = choose_threshold(swept["accuracy"], swept["relative_cost"], per_question,
+                         table.large_correct, spec, delta)
+    return {"grid": grid, "swept": swept, "index": i, "knob": None if i is None else grid[i].item(),
+            **chosen_point(table, swept, i, spec)}
+
+
+def chosen_point(table: Table, swept: dict, i, spec: dict) -> dict:
+    """accuracy / relative_cost / large_share at index i of a sweep, or of the large model
+    alone where i is None; with the target and whether the point meets it."""
+    if i is None:
+        point = {k: v[0].item() for k, v in aggregate(table, route_outcomes(
+            table, torch.full((1, table.Q), table.T + 1))).items()}
+    else:
+        point = {k: swept[k][i].item() for k in ("accuracy", "relative_cost", "large_share")}
+    target = target_of(spec, table.large_correct)
+    return {**point, "target": target, "meets_target": point["accuracy"] >= target - 1e-12}
+
+
+def format_kappa(k) -> str:
+    """Enough digits to tell any two thresholds apart (the shortest exact repr); None is the
+    large model alone."""
+    return "large alone" if k is None else repr(float(k))
 
 
 def sha256(path) -> str:
@@ -195,6 +298,8 @@ CALIBRATION_KEYS = ("kappa", "target", "target_spec", "accuracy", "relative_cost
 
 
 def load_calibration(path) -> dict:
+    """calibration.json, checked. kappa is a number, or null with "fallback": "large" (no
+    threshold met the target: the large model alone)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such calibration file")
@@ -207,7 +312,11 @@ def load_calibration(path) -> dict:
     missing = [k for k in CALIBRATION_KEYS if k not in cal]
     if missing:
         raise UsageError(f"{path}: missing key(s) {', '.join(missing)}")
+    if cal["kappa"] is None and cal.get("fallback") != "large":
+        raise UsageError(f"{path}: kappa is null without \"fallback\": \"large\"")
     for k in ("kappa", "target"):
+        if k == "kappa" and cal[k] is None:
+            continue
         if not isinstance(cal[k], (int, float)) or isinstance(cal[k], bool) or math.isnan(cal[k]):
             raise UsageError(f"{path}: {k} must be a number, got {cal[k]!r}")
     spec = cal["target_spec"]
@@ -222,61 +331,101 @@ def warn_pool(policy, table: Table, what: str) -> None:
         print(f"warning: the policy was trained on pool {pool}, {what} has {table.pool}", file=sys.stderr)
 
 
-def main(argv=None):
+MIN_QUESTIONS = 20   # below this a calibrated target says little (issue 12, item 7)
+
+
+def degenerate_warning(table: Table, target: float) -> str | None:
+    """One line where the calibration set is too small, or the target too trivial, for the
+    calibrated kappa to mean anything; else None."""
+    large_right = int(table.large_correct.sum().item())
+    if target <= 0:
+        why = f"the target is {target:.4g}, which every router meets"
+    elif table.Q < MIN_QUESTIONS:
+        why = f"only {plural(table.Q, 'calibration question')} (fewer than {MIN_QUESTIONS})"
+    elif large_right == 0:
+        why = "the large model gets none of the calibration questions right"
+    else:
+        return None
+    return (f"warning: {why}: the large model gets {large_right} of {table.Q} right; the "
+            f"calibrated kappa means little, calibrate on more questions")
+
+
+def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--policy", required=True, metavar="PATH", help="policy file from train_policy.py")
-    parser.add_argument("--data", required=True, metavar="PATH", help="calibration table (schema-1 JSONL)")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="calibration table (schema-1 JSONL), questions held out from training")
     add_target_args(parser)
     parser.add_argument("--delta", type=float, metavar="D",
-                        help="hold the target with probability >= 1-D (fixed-sequence Clopper-Pearson)")
-    parser.add_argument("--out", default="calibration.json", metavar="PATH", help="output JSON")
+                        help="hold the target with probability >= 1-D (fixed-sequence testing: "
+                             "Clopper-Pearson for an absolute target, a betting bound on the paired "
+                             "difference for a relative one; default: no guarantee, plain choice)")
+    parser.add_argument("--out", required=True, metavar="PATH", help="calibration JSON to write")
+    parser.add_argument("--allow-overlap", action="store_true",
+                        help="go on even if the table shares questions with the policy's training table")
     add_pricing_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)   # small tensors: extra threads only add overhead
     if args.delta is not None:
         check_range("--delta", args.delta, 0.0, 1.0, lo_open=True)
 
     policy = load_policy(args.policy)
     table = load_table(args.data, args)
+    check_overlap(table.hashes, args.data,
+                  [(f"{args.policy} (its training questions)", policy.meta.get("question_hashes"))],
+                  args.allow_overlap)
     warn_pool(policy, table, args.data)
     target, target_spec = resolve_target(args, table)
     large_acc = table.large_correct.mean().item()
+    warning = degenerate_warning(table, target)
+    if warning:
+        print(warning, file=sys.stderr)
 
+    # Score every threshold exactly, then choose (fixed-sequence testing with --delta).
     p = policy_probs(policy, table)
-    grid = kappa_grid(p, table.mask)
-    scores = sweep(table, p, grid)
-    acc, cost = scores["accuracy"], scores["relative_cost"]
-    chosen = choose_kappa(grid, acc, cost, table.Q, target, args.delta)
-    met = chosen is not None
+    result = calibrate_scores(table, p, target_spec, args.delta)
+    grid, acc, cost = result["grid"], result["swept"]["accuracy"], result["swept"]["relative_cost"]
+    chosen, met = result["index"], result["index"] is not None
     if not met:
         print(f"no kappa meets the target accuracy {target:.4f} on {args.data}"
-              f"{' with delta ' + str(args.delta) if args.delta else ''}; choosing kappa = 0 "
-              f"(always escalate)", file=sys.stderr)
-        chosen = 0
+              f"{' with delta ' + str(args.delta) if args.delta else ''}; the answer is the large "
+              f"model alone (kappa null, fallback large)", file=sys.stderr)
 
-    print(f"{table.Q} calibration questions; large accuracy {large_acc:.4f}, small "
-          f"{table.small_correct.mean():.4f}; target {target:.4f} {target_spec}; {len(grid)} thresholds")
-    print(f"{'kappa':>12} {'accuracy':>9} {'rel.cost':>9}")
-    for i in range(max(0, chosen - 5), min(len(grid), chosen + 6)):
-        print(f"{format_kappa(grid[i].item()):>12} {acc[i].item():9.4f} {cost[i].item():9.4f}"
+    print(f"{plural(table.Q, 'calibration question')}; large accuracy {large_acc:.4f}, small "
+          f"{table.small_correct.mean():.4f}; target {target:.4f} {target_spec}; "
+          f"{plural(len(grid), 'threshold')}")
+    print(f"{'kappa':>22} {'accuracy':>9} {'rel.cost':>9}")
+    centre = 0 if chosen is None else chosen
+    for i in range(max(0, centre - 5), min(len(grid), centre + 6)):
+        print(f"{format_kappa(grid[i].item()):>22} {acc[i].item():9.4f} {cost[i].item():9.4f}"
               f"{'  <- chosen' if i == chosen else ''}")
 
-    k_success = int(round(acc[chosen].item() * table.Q))
-    cal = {"kappa": grid[chosen].item(), "target": target, "target_spec": target_spec,
-           "accuracy": acc[chosen].item(), "relative_cost": cost[chosen].item(),
-           "large_share": scores["large_share"][chosen].item(), "large_accuracy": large_acc,
+    cal = {"kappa": result["knob"], "fallback": None if met else "large",
+           "target": target, "target_spec": target_spec,
+           "accuracy": result["accuracy"], "relative_cost": result["relative_cost"],
+           "large_share": result["large_share"], "large_accuracy": large_acc,
            "small_accuracy": table.small_correct.mean().item(), "n": table.Q,
            "delta": args.delta, "met": met,
-           "accuracy_lower_bound": (clopper_pearson_lower(k_success, table.Q, args.delta)
-                                    if args.delta else None),
+           "bound": None if args.delta is None else (
+               "betting on the paired difference (hedged capital)" if "relative" in target_spec
+               else "Clopper-Pearson"),
+           "accuracy_lower_bound": (clopper_pearson_lower(int(round(result["accuracy"] * table.Q)), table.Q,
+                                                          args.delta)
+                                    if args.delta and "accuracy" in target_spec else None),
+           "warning": warning,
            "policy": str(args.policy), "policy_sha256": sha256(args.policy),
            "data": str(args.data), "pool": table.pool, "pricing": asdict(table.pricing),
+           "question_hashes": table.hashes,
            "command": " ".join(sys.argv if argv is None else ["calibrate.py", *argv])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(cal, indent=2) + "\n", encoding="utf-8")
     print(f"kappa {format_kappa(cal['kappa'])}: accuracy {cal['accuracy']:.4f} (target {target:.4f}, "
-          f"{'met' if met else 'NOT met'}), relative cost {cal['relative_cost']:.4f}; wrote {out}")
+          f"{'met' if met else 'NOT met by any kappa'}), relative cost {cal['relative_cost']:.4f}; wrote {out}")
     return 0
 
 

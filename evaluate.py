@@ -25,17 +25,32 @@ questions); large share (share of generated tokens written by the large model). 
   that share of the large model's accuracy (null / "never" if no point reaches it).
 - the calibrated point: kappa, accuracy, relative cost, and whether it meets its target on
   the test questions (a relative target is re-judged against the large model's accuracy on
-  the test questions).
+  the test questions). kappa null (no threshold met the target on calibration) is the large
+  model alone: all-large cost, no draft.
+
+Calibrated baselines (`--calib-data TABLE`): the swept frontiers pick each method's point in
+hindsight on the test questions, which no deployed router can do. So every handcrafted router
+and `random` is also calibrated on the calibration table by the rule that chose the policy's
+kappa (calibrate.py's choose_threshold, with calibration.json's target and delta), and
+measured on the test questions: eval.json `calibrated` (keyed by method, `policy` included),
+the first table of eval.md, and markers on the plot (hollow: misses its target on the test
+questions). `policy_vs_best_handcrafted` is the relative-cost difference between the
+calibrated policy and the best calibrated handcrafted router (the cheapest that met the
+target on calibration, else the most accurate there), with a 95% paired bootstrap interval.
+The test table may not share questions with the policy's training table, calibration.json's
+questions or --calib-data (`--allow-overlap` to go on anyway).
 `--bootstrap N` resamples the test questions N times (vectorised) for 95% intervals of the
 calibrated point and of every method's cost at 90/95/100%.
 
 A question with no small steps gets the small outcome under every router (the large baseline
 and the oracle included); see train_policy.py.
 
-Run it (--policy / --calibration are optional; without them only the baselines are scored):
+Run it (--policy / --calibration / --calib-data are optional; without them only the baselines
+are scored):
 
     python evaluate.py --data results/gsm8k/test.jsonl --policy results/gsm8k/policy.pt \\
-        --calibration results/gsm8k/calibration.json --out results/gsm8k/eval
+        --calibration results/gsm8k/calibration.json --calib-data results/gsm8k/calib.jsonl \\
+        --out results/gsm8k/eval
 
 It writes DIR/eval.json, DIR/eval.md (a paste-able table), DIR/tradeoff.png (accuracy
 against relative cost for every method) and, with a calibration, DIR/escalation_steps.png.
@@ -51,11 +66,11 @@ from pathlib import Path
 
 import torch
 
-from calibrate import (aggregate, first_crossing, format_kappa, load_calibration, route_outcomes,
-                       sha256, warn_pool)
+from calibrate import (aggregate, calibrate_scores, choose_threshold, chosen_point, first_crossing,
+                       format_kappa, load_calibration, route_outcomes, sha256, target_of, warn_pool)
 from rollout import UsageError, check_range, make_parser, run_cli
-from train_policy import (FEATURE_NAMES, Table, add_pricing_args, escalation_distribution,
-                          load_policy, load_table, policy_probs)
+from train_policy import (FEATURE_NAMES, Table, add_pricing_args, check_overlap, escalation_distribution,
+                          load_policy, load_table, plural, policy_probs)
 
 # method -> (feature, sign): escalate at the first step with sign * stat >= sign * tau
 HANDCRAFTED = {"mean_logprob": ("draft_mean_logprob", -1), "min_logprob": ("draft_min_logprob", -1),
@@ -121,6 +136,80 @@ def score_methods(table: Table, policy=None, kappa=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
+# Every router calibrated on the calibration table with the policy's rule, target and delta
+# (calibrate.py's functions), then measured on the test questions.
+# ----------------------------------------------------------------------------------------
+def method_scores(table: Table, name: str, policy=None) -> torch.Tensor:
+    """The score a first-crossing router thresholds (escalate at the first step with score >=
+    kappa): the policy's p, or sign * the statistic of a handcrafted router."""
+    if name == "policy":
+        return policy_probs(policy, table)
+    feature, sign = HANDCRAFTED[name]
+    return sign * table.features[..., FEATURE_NAMES.index(feature)].double()
+
+
+def calibrate_random(table: Table, spec: dict, delta) -> dict:
+    """The random router calibrated like the others: knobs p from 1 (always escalate, the most
+    conservative) down to 0, the same choose_threshold()."""
+    ps = sorted(RANDOM_P, reverse=True)
+    out = random_outcomes(table, ps)
+    swept = aggregate(table, out)
+    i = choose_threshold(swept["accuracy"], swept["relative_cost"], lambda a, b: out["correct"][a:b],
+                         table.large_correct, spec, delta)
+    return {"knob": None if i is None else ps[i], **chosen_point(table, swept, i, spec)}
+
+
+def apply_knob(table: Table, name: str, knob, policy=None) -> dict:
+    """Per-question outcomes [1,Q] of a calibrated router on a table (knob None: the large
+    model alone)."""
+    if knob is None:
+        return route_outcomes(table, torch.full((1, table.Q), table.T + 1))
+    if name == "random":
+        return random_outcomes(table, [knob])
+    kappa = torch.tensor([knob], dtype=torch.float64)
+    return route_outcomes(table, first_crossing(method_scores(table, name, policy), table.mask, kappa))
+
+
+def calibrated_point(test: Table, name: str, knob, calibration: dict, spec: dict, policy=None):
+    """{"knob", "accuracy", "relative_cost", "large_share", "target", "meets_target", ...} on the
+    test questions, and the per-question outcomes [1,Q]. A relative target is judged against
+    the large model's accuracy on the test questions."""
+    out = apply_knob(test, name, knob, policy)
+    sc = aggregate(test, out)
+    target = target_of(spec, test.large_correct)
+    sign = HANDCRAFTED[name][1] if name in HANDCRAFTED else 1
+    point = {"knob": None if knob is None else sign * knob,
+             "accuracy": sc["accuracy"].item(), "relative_cost": sc["relative_cost"].item(),
+             "large_share": sc["large_share"].item(), "target": target,
+             "meets_target": sc["accuracy"].item() >= target - 1e-12,
+             "calibration_accuracy": calibration["accuracy"],
+             "calibration_relative_cost": calibration["relative_cost"],
+             "calibration_target": calibration["target"], "calibration_met": calibration["met"]}
+    return point, out
+
+
+def calibrate_baselines(calib: Table, spec: dict, delta) -> dict:
+    """method -> (knob in score units or None, calibration point) for random and the four
+    handcrafted routers, each by the rule that chose the policy's kappa."""
+    res = {"random": calibrate_random(calib, spec, delta)}
+    for name in HANDCRAFTED:
+        res[name] = calibrate_scores(calib, method_scores(calib, name), spec, delta)
+    return {name: (r["knob"], {"accuracy": r["accuracy"], "relative_cost": r["relative_cost"],
+                               "target": r["target"], "met": r["knob"] is not None})
+            for name, r in res.items()}
+
+
+def best_handcrafted(calibrated: dict) -> str:
+    """The best calibrated handcrafted router, judged on the calibration questions only: the
+    cheapest among those that met the target there, else the most accurate."""
+    names = [n for n in HANDCRAFTED if n in calibrated]
+    met = [n for n in names if calibrated[n]["calibration_met"]]
+    if met:
+        return min(met, key=lambda n: calibrated[n]["calibration_relative_cost"])
+    return max(names, key=lambda n: calibrated[n]["calibration_accuracy"])
+
+
+# ----------------------------------------------------------------------------------------
 # Metrics of a method's points.
 # ----------------------------------------------------------------------------------------
 def frontier_area(cost, accuracy, c0: float) -> float | None:
@@ -175,54 +264,80 @@ STYLE = {"small": ("s", "tab:blue"), "large": ("D", "tab:red"), "oracle": ("*", 
          "mean_entropy": ("", "tab:pink"), "max_entropy": ("", "tab:olive"), "policy": ("", "tab:green")}
 
 
+def frontier(points: list[dict]) -> list[dict]:
+    """The points no other point of the same method beats in both accuracy and cost (cost no
+    higher and accuracy no lower, one strictly), by ascending cost: a curve that only rises."""
+    best, keep = -math.inf, []
+    for p in sorted(points, key=lambda p: (p["relative_cost"], -p["accuracy"])):
+        if p["accuracy"] > best + 1e-12:
+            keep.append(p)
+            best = p["accuracy"]
+    return keep
+
+
 def plot_tradeoff(result: dict, path: Path) -> None:
+    """Each swept method as its frontier (chosen in hindsight on the test questions), each
+    calibrated router as a marker, the target as a line; a calibrated point that misses its
+    target on the test questions is drawn hollow and labelled so."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5.2))
     for name, points in result["methods"].items():
         marker, color = STYLE.get(name, ("", None))
-        x = [p["relative_cost"] for p in points]
-        y = [p["accuracy"] for p in points]
         if len(points) == 1:
-            ax.scatter(x, y, marker=marker or "o", s=120 if marker == "*" else 50, color=color,
-                       edgecolor="k", zorder=5, label=name)
+            ax.scatter([points[0]["relative_cost"]], [points[0]["accuracy"]], marker=marker or "o",
+                       s=120 if marker == "*" else 50, color=color, edgecolor="k", zorder=5, label=name)
         else:
-            order = sorted(range(len(x)), key=lambda i: (x[i], y[i]))  # ties: no zig-zag
-            ax.plot([x[i] for i in order], [y[i] for i in order], "-", marker=".", ms=3,
-                    lw=2.2 if name == "policy" else 1.2, color=color, label=name)
-    cal = result.get("policy_calibrated")
-    if cal:
-        ax.axhline(cal["target"], color="k", ls="--", lw=1, label=f"target {cal['target']:.3f}")
-        ax.scatter([cal["relative_cost"]], [cal["accuracy"]], marker="X", s=160, color="tab:green",
-                   edgecolor="k", zorder=6, label=f"calibrated (kappa {format_kappa(cal['kappa'])})")
+            front = frontier(points)
+            ax.plot([p["relative_cost"] for p in front], [p["accuracy"] for p in front], "-",
+                    marker=".", ms=3, lw=2.2 if name == "policy" else 1.2, color=color,
+                    label=f"{name} (frontier, hindsight)")
+    calibrated = result.get("calibrated") or ({"policy": result["policy_calibrated"]}
+                                              if result.get("policy_calibrated") else {})
+    for i, (name, pt) in enumerate(calibrated.items()):
+        if i == 0:
+            ax.axhline(pt["target"], color="k", ls="--", lw=1, label=f"target {pt['target']:.3f}")
+        color = STYLE.get(name, ("", None))[1]
+        knob = "large alone" if pt["knob"] is None else f"{pt['knob']:.4g}"
+        miss = not pt["meets_target"]
+        ax.scatter([pt["relative_cost"]], [pt["accuracy"]], marker="X", s=170 if name == "policy" else 110,
+                   facecolor="none" if miss else color, edgecolor=color if miss else "k",
+                   linewidths=2 if miss else 1, zorder=6,
+                   label=f"{name} calibrated ({knob}){' MISSES target' if miss else ''}")
     ax.set_xlabel("relative cost (sum of costs / all-large cost)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{Path(result['data']).name}: {result['n']} questions, {result['pricing']['unit']} pricing",
-                 fontsize=10)
+    ax.set_title(f"{Path(result['data']).name}: {plural(result['n'], 'question')}, "
+                 f"{result['pricing']['unit']} pricing", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_escalation_steps(esc: torch.Tensor, table: Table, path: Path, kappa: float) -> None:
+def plot_escalation_steps(esc: torch.Tensor, table: Table, path: Path, kappa, data) -> None:
+    """Where the calibrated policy escalates on the test table: questions (integer counts) per
+    step, never, and (kappa null) the large model alone."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     T = table.T
     has_steps = table.n_steps > 0
-    counts = torch.bincount(esc[has_steps], minlength=T + 1)[: T + 1].tolist()
-    labels = [str(t + 1) for t in range(T)] + ["never"]
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * (T + 1) + 2), 3.5))
-    ax.bar(range(T + 1), counts, color=["tab:green"] * T + ["tab:gray"])
-    step = max(1, (T + 1) // 20)
-    ax.set_xticks(range(0, T + 1, step), labels[::step])
+    counts = [int(c) for c in torch.bincount(esc[has_steps], minlength=T + 2)[: T + 2].tolist()]
+    labels = [str(t + 1) for t in range(T)] + ["never", "large alone"]
+    if kappa is not None:
+        counts, labels = counts[: T + 1], labels[: T + 1]
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * len(counts) + 2), 3.5))
+    ax.bar(range(len(counts)), counts, color=["tab:green"] * T + ["tab:gray", "tab:red"][: len(counts) - T])
+    step = max(1, len(counts) // 20)
+    ax.set_xticks(range(0, len(counts), step), labels[::step])
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step at which the calibrated policy escalates")
     ax.set_ylabel("questions")
-    ax.set_title(f"kappa {format_kappa(kappa)}: escalates on {sum(counts[:T])} of "
-                 f"{int(has_steps.sum())} questions with steps", fontsize=9)
+    ax.set_title(f"{Path(data).name}, kappa {format_kappa(kappa)}: escalates on {sum(counts[:T])} of "
+                 f"{plural(int(has_steps.sum()), 'question')} with steps", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -236,32 +351,51 @@ def fmt_ci(ci):
     return "" if not ci else f" [{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
+def fmt_knob(k) -> str:
+    return "large alone" if k is None else f"{k:.4g}"
+
+
 def write_markdown(result: dict, path: Path) -> None:
     s = result["summary"]
     lines = [f"Command: `{result['command']}`", "",
-             f"Data: `{result['data']}` ({result['n']} questions). Pool: small "
+             f"Data: `{result['data']}` ({plural(result['n'], 'question')}). Pool: small "
              f"`{result['pool']['small'].get('model')}`, large `{result['pool']['large'].get('model')}`. "
              f"Pricing: {result['pricing']['unit']}. Large accuracy {result['large_accuracy']:.3f}, "
-             f"small {result['small_accuracy']:.3f} at relative cost {result['small_relative_cost']:.3f}.",
-             "", "| method | points | best accuracy | frontier area | cost @90% large | cost @95% | cost @100% |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"small {result['small_accuracy']:.3f} at relative cost {result['small_relative_cost']:.3f}.", ""]
+    cal = result.get("policy_calibrated")
+    calibrated = result.get("calibrated") or ({"policy": cal} if cal else {})
+    if calibrated:
+        spec = cal["target_spec"]
+        kind, value = next(iter(spec.items()))
+        lines += [f"Calibrated routers (each threshold chosen on the calibration questions "
+                  f"`{result.get('calib_data') or cal.get('data', '')}` by the same rule, target "
+                  f"{kind} {value}, delta {cal['delta']}; measured on the test questions):", "",
+                  "| calibrated router | knob | accuracy | relative cost | large share | target | meets target | calib. accuracy | calib. cost |",
+                  "|---|---:|---:|---:|---:|---:|:---:|---:|---:|"]
+        for name, pt in calibrated.items():
+            ci = pt.get("ci", {})
+            lines.append(f"| {name} | {fmt_knob(pt['knob'])} | {pt['accuracy']:.3f}{fmt_ci(ci.get('accuracy'))} | "
+                         f"{pt['relative_cost']:.3f}{fmt_ci(ci.get('relative_cost'))} | {pt['large_share']:.3f} | "
+                         f"{pt['target']:.3f} | {'yes' if pt['meets_target'] else '**no**'} | "
+                         f"{pt['calibration_accuracy']:.3f} | {pt['calibration_relative_cost']:.3f} |")
+        cmp_ = result.get("policy_vs_best_handcrafted")
+        if cmp_:
+            lines += ["", f"Relative cost of the calibrated policy minus that of the best calibrated "
+                          f"handcrafted router ({cmp_['baseline']}, chosen on the calibration questions): "
+                          f"{cmp_['relative_cost_difference']:+.3f}"
+                          + (f" (95% paired bootstrap interval [{cmp_['ci'][0]:+.3f}, {cmp_['ci'][1]:+.3f}])"
+                             if cmp_.get("ci") else "") + "."]
+        lines += [""]
+    lines += ["Swept frontiers: every threshold of each method, **chosen in hindsight on the test questions** "
+              "(no deployable router can pick its point this way):", "",
+              "| method | points | best accuracy | frontier area | cost @90% large | cost @95% | cost @100% |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, points in result["methods"].items():
         m = s[name]
         cells = [fmt(m[f"cost_at_{int(l * 100)}"]) + fmt_ci(m.get("ci", {}).get(f"cost_at_{int(l * 100)}"))
                  for l in LEVELS]
         lines.append(f"| {name} | {len(points)} | {max(p['accuracy'] for p in points):.3f} | "
                      f"{fmt(m['frontier_area'])} | " + " | ".join(cells) + " |")
-    cal = result.get("policy_calibrated")
-    if cal:
-        ci = cal.get("ci", {})
-        lines += ["", "| calibrated policy | kappa | accuracy | relative cost | large share | target | meets target |",
-                  "|---|---:|---:|---:|---:|---:|:---:|",
-                  f"| test | {format_kappa(cal['kappa'])} | {cal['accuracy']:.3f}{fmt_ci(ci.get('accuracy'))} | "
-                  f"{cal['relative_cost']:.3f}{fmt_ci(ci.get('relative_cost'))} | {cal['large_share']:.3f} | "
-                  f"{cal['target']:.3f} ({next(iter(cal['target_spec']))} "
-                  f"{next(iter(cal['target_spec'].values()))}) | {'yes' if cal['meets_target'] else 'no'} |",
-                  f"| calibration | | {cal['calibration_accuracy']:.3f} | {cal['calibration_relative_cost']:.3f} | "
-                  f"| {cal['calibration_target']:.3f} | {'yes' if cal['calibration_met'] else 'no'} |"]
     if result.get("bootstrap"):
         lines += ["", f"Brackets: 95% bootstrap intervals over questions ({result['bootstrap']['resamples']} resamples)."]
     lines += ["", "Frontier area: mean over relative cost from the small model's to 1 of the best accuracy the "
@@ -271,21 +405,34 @@ def write_markdown(result: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-def main(argv=None):
+def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data", required=True, metavar="PATH", help="test table (schema-1 JSONL)")
     parser.add_argument("--policy", metavar="PATH", help="policy file from train_policy.py (optional)")
     parser.add_argument("--calibration", metavar="PATH", help="calibration.json from calibrate.py (needs --policy)")
+    parser.add_argument("--calib-data", metavar="PATH",
+                        help="the calibration table: calibrate every baseline router on it with the "
+                             "policy's rule, target and delta, and report them beside the policy "
+                             "(needs --calibration)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples for 95%% intervals (0: none; default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--allow-overlap", action="store_true",
+                        help="go on even if the test table shares questions with the policy's training "
+                             "table or the calibration table")
     add_pricing_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     check_range("--bootstrap", args.bootstrap, 0, 1_000_000)
     if args.calibration and not args.policy:
         raise UsageError("--calibration needs --policy (the policy it was calibrated for)")
+    if args.calib_data and not args.calibration:
+        raise UsageError("--calib-data needs --calibration (its target and delta calibrate the baselines)")
     start = time.perf_counter()
 
     policy = load_policy(args.policy) if args.policy else None
@@ -294,6 +441,13 @@ def main(argv=None):
         raise UsageError(f"{args.calibration} was made for policy {cal['policy']} "
                          f"(sha256 {cal['policy_sha256'][:12]}...), not for {args.policy}")
     table = load_table(args.data, args)
+    calib = load_table(args.calib_data, args) if args.calib_data else None
+    earlier = [(f"{args.policy} (its training questions)", policy.meta.get("question_hashes") if policy else None),
+               (f"{args.calibration} (its calibration questions)", cal.get("question_hashes") if cal else None),
+               (f"{args.calib_data}", calib.hashes if calib else None)]
+    check_overlap(table.hashes, args.data, earlier, args.allow_overlap)
+    if calib is not None:
+        check_overlap(calib.hashes, args.calib_data, earlier[:1], args.allow_overlap)
     if policy is not None:
         warn_pool(policy, table, args.data)
     if cal is not None and cal.get("pricing") not in (None, asdict(table.pricing)):
@@ -308,7 +462,7 @@ def main(argv=None):
 
     result = {"command": " ".join(sys.argv if argv is None else ["evaluate.py", *argv]),
               "data": str(args.data), "n": table.Q, "pool": table.pool, "pricing": asdict(table.pricing),
-              "policy": args.policy, "calibration": args.calibration,
+              "policy": args.policy, "calibration": args.calibration, "calib_data": args.calib_data,
               "large_accuracy": large_acc, "small_accuracy": table.small_correct.mean().item(),
               "small_relative_cost": small_rc, "methods": {}, "summary": {}}
     for name, (knobs, out) in methods.items():
@@ -328,25 +482,38 @@ def main(argv=None):
         result["summary"][name] = summary
 
     if cal is not None:
-        p = policy_probs(policy, table)
-        esc = first_crossing(p, table.mask, torch.tensor([cal["kappa"]], dtype=torch.float64))
-        out = route_outcomes(table, esc)
-        sc = aggregate(table, out)
-        spec_kind, spec_value = next(iter(cal["target_spec"].items()))
-        target = spec_value * large_acc if spec_kind == "relative" else float(spec_value)
-        pc = {"kappa": cal["kappa"], "accuracy": sc["accuracy"].item(),
-              "relative_cost": sc["relative_cost"].item(), "large_share": sc["large_share"].item(),
-              "target": target, "meets_target": sc["accuracy"].item() >= target - 1e-12,
-              "target_spec": cal["target_spec"], "calibration_accuracy": cal["accuracy"],
-              "calibration_relative_cost": cal["relative_cost"], "calibration_target": cal["target"],
-              "calibration_met": cal["met"], "delta": cal["delta"],
-              "escalation_step_counts": torch.bincount(esc[0][table.n_steps > 0], minlength=table.T + 1).tolist()}
+        # The calibrated policy (kappa null: the large model alone) on the test questions.
+        spec = cal["target_spec"]
+        pc, out = calibrated_point(table, "policy", cal["kappa"], cal, spec, policy)
+        esc = first_crossing(policy_probs(policy, table), table.mask,
+                             torch.tensor([cal["kappa"]], dtype=torch.float64))[0] \
+            if cal["kappa"] is not None else torch.full((table.Q,), table.T + 1)
+        pc = {"kappa": cal["kappa"], "fallback": cal.get("fallback"), **pc, "target_spec": spec,
+              "delta": cal["delta"],
+              "escalation_step_counts": torch.bincount(
+                  esc[table.n_steps > 0], minlength=table.T + 2)[: table.T + (1 if cal["kappa"] is not None else 2)].tolist()}
+        outs = {"policy": out}
         if counts is not None:
             acc_b, cost_b = boot_scores(counts, table, out)
-            target_b = spec_value * boot_large if spec_kind == "relative" else torch.full_like(boot_large, target)
+            kind, value = next(iter(spec.items()))
+            target_b = value * boot_large if kind == "relative" else torch.full_like(boot_large, pc["target"])
             pc["ci"] = {"accuracy": interval(acc_b[:, 0]), "relative_cost": interval(cost_b[:, 0])}
             pc["meets_target_share"] = (acc_b[:, 0] >= target_b - 1e-12).double().mean().item()
         result["policy_calibrated"] = pc
+        if calib is not None:
+            # Every baseline calibrated on the calibration table, by the same rule, target and delta.
+            calibrated = {"policy": pc}
+            for name, (knob, point) in calibrate_baselines(calib, spec, cal["delta"]).items():
+                calibrated[name], outs[name] = calibrated_point(table, name, knob, point, spec)
+            result["calibrated"] = calibrated
+            best = best_handcrafted(calibrated)
+            diff = pc["relative_cost"] - calibrated[best]["relative_cost"]
+            comparison = {"baseline": best, "relative_cost_difference": diff}
+            if counts is not None:
+                denom = counts @ table.large_cost
+                boot = (counts @ outs["policy"]["cost"][0] - counts @ outs[best]["cost"][0]) / denom
+                comparison["ci"] = interval(boot)
+            result["policy_vs_best_handcrafted"] = comparison
     if counts is not None:
         result["bootstrap"] = {"resamples": args.bootstrap, "seed": args.seed, "level": 0.95}
     seconds = time.perf_counter() - start
@@ -357,9 +524,9 @@ def main(argv=None):
     write_markdown(result, out_dir / "eval.md")
     plot_tradeoff(result, out_dir / "tradeoff.png")
     if cal is not None:
-        plot_escalation_steps(esc[0], table, out_dir / "escalation_steps.png", cal["kappa"])
+        plot_escalation_steps(esc, table, out_dir / "escalation_steps.png", cal["kappa"], args.data)
     print((out_dir / "eval.md").read_text(encoding="utf-8"))
-    print(f"scored {table.Q} questions, {sum(len(v) for v in result['methods'].values())} router points"
+    print(f"scored {plural(table.Q, 'question')}, {plural(sum(len(v) for v in result['methods'].values()), 'router point')}"
           f"{f', {args.bootstrap} bootstrap resamples' if counts is not None else ''} in {seconds:.1f}s; "
           f"wrote {out_dir}/eval.json, eval.md, tradeoff.png{', escalation_steps.png' if cal else ''}")
     return 0

@@ -14,13 +14,16 @@ The method, top to bottom:
 2. **Cost** (section 2). `Pricing` holds a price per prompt token and per generated token
    for each model: FLOPs by default (a generated token costs 2 * params, a prompt token R
    times that with `--prompt-cost R`, R = 0 by default), or dollars with
-   `--price-small IN OUT --price-large IN OUT`. `build_table()` turns the records into
+   `--price-small IN,OUT --price-large IN,OUT` (dollars per million prompt / generated
+   tokens). `build_table()` turns the records into
    padded tensors of the correctness and cost of every outcome (escalate at step t, never
    escalate, the large model alone).
 3. **Policy.** `Policy` is an MLP on normalised features giving p(escalate | s_t).
 4. **Training** (section 1). Episodes are sampled from the stochastic policy (Bernoulli
    escalation at each valid step, stop at the first escalation) and scored: correct in
-   {0, 1}, cost relative to the question's all-large cost. We descend
+   {0, 1}, cost divided by the MEAN all-large cost over the training questions (so the mean
+   episode cost is exactly the relative cost that calibrate.py and evaluate.py report: sum
+   of costs / sum of all-large costs). We descend
    L(theta, lambda) = E[cost] - lambda * (E[correct] - target)
    with REINFORCE (a leave-one-out baseline over several episodes per question), and raise
    lambda >= 0 by dual ascent while the batch accuracy is under the target (it falls when
@@ -30,6 +33,13 @@ The method, top to bottom:
    it the logits drift to +-30 or more (Adam keeps pushing saturated sigmoids), exploration
    dies on the states that were "never escalate" during a low-lambda phase, and on some
    seeds the final policy ranks states badly; it also keeps p away from 1 in float64.
+
+Every training setting has its default in ONE place, `TrainConfig`; the command line
+reads its defaults from there and hands every setting to `train()`.
+
+Questions are identified by `question_hash()` (sha256 of the normalised question text);
+the policy file records the hashes of its training questions so that later stages can
+refuse a table that shares questions with it.
 
 Run it (exactly one of --target-accuracy / --target-relative):
 
@@ -48,11 +58,14 @@ table's `correct` is trusted).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+import unicodedata
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -119,11 +132,25 @@ def add_pricing_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-cost", type=float, default=0.0, metavar="R",
                    help="FLOPs pricing: a prompt token costs R generated tokens of the same "
                         "model (default 0: prompts are free)")
-    g.add_argument("--price-small", type=float, nargs=2, metavar=("IN", "OUT"),
-                   help="dollars per prompt / generated token of the small model "
-                        "(with --price-large; replaces FLOPs pricing)")
-    g.add_argument("--price-large", type=float, nargs=2, metavar=("IN", "OUT"),
-                   help="dollars per prompt / generated token of the large model")
+    g.add_argument("--price-small", nargs="+", metavar="IN,OUT",
+                   help="dollars per million prompt (IN) and generated (OUT) tokens of the small "
+                        "model, as IN,OUT or IN OUT (with --price-large; replaces FLOPs pricing)")
+    g.add_argument("--price-large", nargs="+", metavar="IN,OUT",
+                   help="dollars per million prompt and generated tokens of the large model")
+
+
+def parse_price(flag: str, value) -> list[float]:
+    """'IN,OUT' or ['IN', 'OUT'] (or two floats) -> [IN, OUT] dollars per million tokens."""
+    parts = value if isinstance(value, (list, tuple)) else [value]
+    parts = [x for p in parts for x in (str(p).split(",") if isinstance(p, str) else [p]) if x != ""]
+    try:
+        prices = [float(x) for x in parts]
+    except ValueError:
+        prices = []
+    if len(prices) != 2:
+        raise UsageError(f"{flag} takes IN,OUT (dollars per million prompt and generated tokens), "
+                         f"got {' '.join(map(str, parts))!r}")
+    return prices
 
 
 def table_pool(records: list[dict]) -> dict:
@@ -144,12 +171,13 @@ def pricing_from_args(args, records: list[dict]) -> Pricing:
         if args.prompt_cost:
             raise UsageError("--prompt-cost is for FLOPs pricing; --price-small/--price-large "
                              "already price prompt tokens")
-        prices = [*args.price_small, *args.price_large]
+        prices = [*parse_price("--price-small", args.price_small),
+                  *parse_price("--price-large", args.price_large)]
         if any(not (p >= 0) or math.isinf(p) for p in prices):
             raise UsageError(f"--price-small/--price-large must be finite and >= 0, got {prices}")
-        if args.price_large[1] <= 0:
+        if prices[3] <= 0:
             raise UsageError("--price-large OUT must be > 0 (costs are relative to the large model)")
-        return Pricing(*prices, unit="dollars")
+        return Pricing(*(p / 1e6 for p in prices), unit="dollars")   # per token
     check_range("--prompt-cost", args.prompt_cost, 0.0, 1e12)
     out = {}
     for role in ("small", "large"):
@@ -161,6 +189,32 @@ def pricing_from_args(args, records: list[dict]) -> Pricing:
         out[role] = 2.0 * params
     return Pricing(args.prompt_cost * out["small"], out["small"],
                    args.prompt_cost * out["large"], out["large"], unit="FLOPs")
+
+
+# ----------------------------------------------------------------------------------------
+# Question identity: ids are positional and differ between copies of a dataset, so stages
+# compare questions by a hash of their normalised text.
+# ----------------------------------------------------------------------------------------
+def question_hash(text: str) -> str:
+    """sha256 of the question text after NFKC, whitespace collapsed, stripped, lowercased."""
+    norm = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", str(text))).strip().lower()
+    return hashlib.sha256(norm.encode("utf-8")).hexdigest()
+
+
+def check_overlap(hashes: list, table_path, others: list, allow: bool) -> None:
+    """Refuse (one line) a table sharing questions with earlier files, unless `allow`.
+    others: (file name, that file's question hashes or None where it records none)."""
+    mine = set(hashes)
+    for name, theirs in others:
+        if theirs is None:
+            continue
+        shared = len(mine & set(theirs))
+        if shared and not allow:
+            raise UsageError(f"{table_path} shares {shared} question{'s' if shared != 1 else ''} "
+                             f"with {name}; use other questions, or --allow-overlap to go on anyway")
+        if shared:
+            print(f"warning: {table_path} shares {shared} question(s) with {name} (--allow-overlap)",
+                  file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------
@@ -184,6 +238,7 @@ class Table:
     large_cost: torch.Tensor
     large_tokens: torch.Tensor      # large tokens generated (0 where n = 0)
     ids: list = field(default_factory=list)
+    hashes: list = field(default_factory=list)   # question_hash() of each question
     pool: dict = field(default_factory=dict)
     pricing: Pricing | None = None
 
@@ -249,7 +304,8 @@ def build_table(records: list[dict], pricing: Pricing) -> Table:
         raise UsageError("the all-large cost of the table is 0: relative costs are undefined")
     return Table(feats, mask, n_steps, esc_correct, esc_cost, esc_small, esc_large,
                  small_correct, small_cost, small_tokens, large_correct, large_cost, large_tokens,
-                 ids=[r["id"] for r in records], pool=table_pool(records), pricing=pricing)
+                 ids=[r["id"] for r in records], hashes=[question_hash(r["question"]) for r in records],
+                 pool=table_pool(records), pricing=pricing)
 
 
 def load_table(path, args) -> Table:
@@ -359,12 +415,13 @@ def escalation_distribution(p: torch.Tensor, mask: torch.Tensor):
 
 
 def episode_values(table: Table):
-    """Per question, correct and cost (relative to that question's all-large cost) of each
-    outcome: columns 0..T-1 escalate at step t+1, column T never escalate. [Q,T+1] each."""
-    denom = table.large_cost.clone()
-    denom[denom <= 0] = table.large_cost.mean()  # a free large answer: use the table's mean
+    """Per question, correct and cost of each outcome: columns 0..T-1 escalate at step t+1,
+    column T never escalate. [Q,T+1] each. Costs are divided by the MEAN all-large cost over
+    the table's questions, so the mean cost over questions of any router is exactly its
+    relative cost sum(costs) / sum(all-large costs), the number calibration and evaluation
+    report (DESIGN section 1)."""
     correct = torch.cat([table.esc_correct, table.small_correct[:, None]], 1)
-    cost = torch.cat([table.esc_cost, table.small_cost[:, None]], 1) / denom[:, None]
+    cost = torch.cat([table.esc_cost, table.small_cost[:, None]], 1) / table.large_cost.mean()
     return correct.float(), cost.float()
 
 
@@ -416,29 +473,48 @@ def resolve_target(args, table: Table) -> tuple[float, dict]:
     return target, {"relative": args.target_relative}
 
 
-def train(table: Table, target: float, *, hidden=(64, 64), activation="tanh", iters=600,
-          batch_size=256, lr=1e-2, lambda_lr=0.5, lambda_init=1.0, estimator="reinforce",
-          episodes=8, logit_l2=1e-2, seed=0, features=FEATURE_NAMES, log=None) -> tuple[Policy, float]:
-    """Primal-dual training. Returns the policy and the final lambda. `log(dict)` per iter."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    policy = Policy(features, hidden, activation)
+@dataclass
+class TrainConfig:
+    """Every training setting and its default: the one place both train() and the command
+    line (train_policy.py --help) read them from."""
+    hidden: tuple = (64, 64)        # hidden widths of the MLP
+    activation: str = "tanh"
+    features: tuple = tuple(FEATURE_NAMES)
+    iters: int = 600                # training iterations
+    batch_size: int = 256           # questions per iteration
+    episodes: int = 8               # REINFORCE episodes per question (leave-one-out baseline)
+    lr: float = 1e-2                # Adam learning rate
+    lambda_lr: float = 0.5          # dual ascent step on lambda
+    lambda_init: float = 1.0
+    logit_l2: float = 1e-2          # penalty C * mean logit^2 (keeps the policy stochastic)
+    estimator: str = "reinforce"    # or "exact"
+    seed: int = 0
+
+
+def train(table: Table, target: float, config: TrainConfig | None = None, log=None,
+          **overrides) -> tuple[Policy, float]:
+    """Primal-dual training with `config` (TrainConfig defaults; keyword overrides allowed).
+    Returns the policy and the final lambda. `log(dict)` per iteration."""
+    cfg = replace(config or TrainConfig(), **overrides)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    policy = Policy(list(cfg.features), list(cfg.hidden), cfg.activation)
     if not table.mask.any():
         raise UsageError("the training table has no small steps: nothing to decide")
     policy.fit_normalisation(table.features, table.mask)
     correct, cost = episode_values(table)
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    lam = float(lambda_init)
-    for it in range(iters):
-        idx = torch.randint(table.Q, (batch_size,), generator=gen)
+    opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    lam = float(cfg.lambda_init)
+    for it in range(cfg.iters):
+        idx = torch.randint(table.Q, (cfg.batch_size,), generator=gen)
         loss, stats = lagrangian(policy, table.features[idx], table.mask[idx], correct[idx],
-                                 cost[idx], lam, target, estimator, episodes, gen, logit_l2)
+                                 cost[idx], lam, target, cfg.estimator, cfg.episodes, gen, cfg.logit_l2)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if log:
             log({"iter": it, "lambda": lam, **stats})
-        lam = max(0.0, lam + lambda_lr * (target - stats["accuracy"]))   # dual ascent
+        lam = max(0.0, lam + cfg.lambda_lr * (target - stats["accuracy"]))   # dual ascent
     return policy.eval(), lam
 
 
@@ -449,7 +525,7 @@ def plot_curve(history: list[dict], target: float, path: Path) -> None:
     it = [h["iter"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, key, label in zip(axes, ("accuracy", "cost", "lambda"),
-                              ("batch accuracy", "batch cost (rel. to large, per question)", "lambda")):
+                              ("batch accuracy", "batch cost (rel. to mean all-large)", "lambda")):
         y = torch.tensor([h[key] for h in history], dtype=torch.float64)
         ax.plot(it, y, lw=0.5, alpha=0.4)
         w = max(1, len(y) // 50)
@@ -465,6 +541,11 @@ def plot_curve(history: list[dict], target: float, path: Path) -> None:
     plt.close(fig)
 
 
+def plural(n: int, word: str) -> str:
+    """'1 question', '2 questions'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def add_target_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_mutually_exclusive_group(required=True)
     g.add_argument("--target-accuracy", type=float, metavar="A", help="absolute accuracy target in [0, 1]")
@@ -472,33 +553,45 @@ def add_target_args(parser: argparse.ArgumentParser) -> None:
                    help="target = R * the large model's accuracy on the same questions")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    D = TrainConfig()   # every default below comes from here
     parser = make_parser(__doc__)
     parser.add_argument("--train", required=True, metavar="PATH", help="schema-1 trajectory table (JSONL)")
-    parser.add_argument("--out", default="policy.pt", metavar="PATH",
-                        help="policy file; the log (.log.jsonl) and curve (.curve.png) go next to it")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="policy file to write; the log (.log.jsonl) and curve (.curve.png) go next to it")
     add_target_args(parser)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], metavar="H", help="hidden widths (default 64 64)")
-    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh")
-    parser.add_argument("--features", default=",".join(FEATURE_NAMES), metavar="A,B,...",
-                        help="comma-separated subset of the state features (default: all)")
-    parser.add_argument("--iters", type=int, default=600, help="training iterations (default 600)")
-    parser.add_argument("--batch-size", type=int, default=256, help="questions per iteration (default 256)")
-    parser.add_argument("--episodes", type=int, default=8,
-                        help="REINFORCE episodes per question, >= 2 (leave-one-out baseline; default 8)")
-    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 1e-2)")
-    parser.add_argument("--lambda-lr", type=float, default=0.5, help="dual ascent step on lambda (default 0.5)")
-    parser.add_argument("--lambda-init", type=float, default=1.0, help="initial lambda >= 0 (default 1.0)")
-    parser.add_argument("--logit-l2", type=float, default=1e-2, metavar="C",
-                        help="penalty C * mean logit^2 that keeps the policy stochastic, so it keeps "
-                             "exploring and its probabilities stay distinct (default 1e-2)")
-    parser.add_argument("--estimator", choices=["reinforce", "exact"], default="reinforce",
-                        help="REINFORCE on sampled episodes, or the closed-form expectation")
-    parser.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("training (defaults: TrainConfig)")
+    g.add_argument("--hidden", type=int, nargs="+", default=list(D.hidden), metavar="H",
+                   help=f"hidden widths of the MLP (default {' '.join(map(str, D.hidden))})")
+    g.add_argument("--activation", choices=sorted(ACTIVATIONS), default=D.activation,
+                   help=f"hidden activation (default {D.activation})")
+    g.add_argument("--features", default=",".join(D.features), metavar="A,B,...",
+                   help="comma-separated subset of the state features (default: all)")
+    g.add_argument("--iters", type=int, default=D.iters, help=f"training iterations (default {D.iters})")
+    g.add_argument("--batch-size", type=int, default=D.batch_size,
+                   help=f"questions per iteration (default {D.batch_size})")
+    g.add_argument("--episodes", type=int, default=D.episodes,
+                   help=f"REINFORCE episodes per question, >= 2 (leave-one-out baseline; default {D.episodes})")
+    g.add_argument("--lr", type=float, default=D.lr, help=f"Adam learning rate (default {D.lr:g})")
+    g.add_argument("--lambda-lr", type=float, default=D.lambda_lr,
+                   help=f"dual ascent step on lambda (default {D.lambda_lr:g})")
+    g.add_argument("--lambda-init", type=float, default=D.lambda_init,
+                   help=f"initial lambda >= 0 (default {D.lambda_init:g})")
+    g.add_argument("--logit-l2", type=float, default=D.logit_l2, metavar="C",
+                   help="penalty C * mean logit^2 that keeps the policy stochastic, so it keeps "
+                        f"exploring and its probabilities stay distinct (default {D.logit_l2:g})")
+    g.add_argument("--estimator", choices=["reinforce", "exact"], default=D.estimator,
+                   help="REINFORCE on sampled episodes, or the closed-form expectation "
+                        f"(default {D.estimator})")
+    g.add_argument("--seed", type=int, default=D.seed,
+                   help=f"seed of the initial weights and the sampling (default {D.seed})")
     add_pricing_args(parser)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)   # tiny tensors: extra threads only add overhead (and noise)
+    return parser
 
+
+def config_from_args(args) -> TrainConfig:
+    """Every TrainConfig field from the flag of the same name: no setting can be parsed
+    and then dropped on the way to train()."""
     for name, lo in (("--iters", 1), ("--batch-size", 1), ("--episodes", 2)):
         check_range(name, getattr(args, name[2:].replace("-", "_")), lo)
     check_range("--lr", args.lr, 0.0, None, lo_open=True)
@@ -512,23 +605,27 @@ def main(argv=None):
     if unknown or not features:
         raise UsageError(f"--features: unknown {', '.join(unknown) or '(empty list)'}; "
                          f"choose from {', '.join(FEATURE_NAMES)}")
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    return TrainConfig(**{**values, "hidden": tuple(args.hidden), "features": tuple(features)})
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(1)   # tiny tensors: extra threads only add overhead (and noise)
+    config = config_from_args(args)
 
     table = load_table(args.train, args)
     target, target_spec = resolve_target(args, table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path, curve_path = out.with_suffix(".log.jsonl"), out.with_suffix(".curve.png")
-    print(f"training on {table.Q} questions ({int(table.mask.sum())} steps), target accuracy "
-          f"{target:.4f} {target_spec}, large {table.large_correct.mean():.4f}, "
-          f"small {table.small_correct.mean():.4f}, estimator {args.estimator}")
+    print(f"training on {plural(table.Q, 'question')} ({plural(int(table.mask.sum()), 'step')}), "
+          f"target accuracy {target:.4f} {target_spec}, large {table.large_correct.mean():.4f}, "
+          f"small {table.small_correct.mean():.4f}, estimator {config.estimator}")
 
     history = []
     start = time.perf_counter()
-    policy, lam = train(table, target, hidden=args.hidden, activation=args.activation,
-                        iters=args.iters, batch_size=args.batch_size, lr=args.lr,
-                        lambda_lr=args.lambda_lr, lambda_init=args.lambda_init,
-                        estimator=args.estimator, episodes=args.episodes, seed=args.seed,
-                        features=features, log=history.append)
+    policy, lam = train(table, target, config, log=history.append)
     seconds = time.perf_counter() - start
 
     with torch.no_grad():   # the trained stochastic policy on the whole training table
@@ -537,7 +634,9 @@ def main(argv=None):
         rel = table.relative_cost((p_esc * table.esc_cost).sum(-1) + p_never * table.small_cost).item()
     meta = {"pool": table.pool, "pricing": asdict(table.pricing), "target": target,
             "target_spec": target_spec, "train": str(args.train), "n_train": table.Q,
+            "question_hashes": table.hashes,
             "command": " ".join(sys.argv if argv is None else ["train_policy.py", *argv]),
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
             "args": {k: v for k, v in vars(args).items()}, "final_lambda": lam,
             "train_accuracy_stochastic": acc, "train_relative_cost_stochastic": rel}
     save_policy(out, policy, meta)
@@ -545,7 +644,7 @@ def main(argv=None):
         for h in history:
             f.write(json.dumps(h) + "\n")
     plot_curve(history, target, curve_path)
-    print(f"trained {args.iters} iterations in {seconds:.1f}s; final lambda {lam:.3f}; stochastic "
+    print(f"trained {config.iters} iterations in {seconds:.1f}s; final lambda {lam:.3f}; stochastic "
           f"policy on the training table: accuracy {acc:.4f}, relative cost {rel:.4f}")
     print(f"wrote {out}, {log_path}, {curve_path}")
     return 0

@@ -65,7 +65,7 @@ def make_records(n_questions: int, seed: int = 0, *, min_steps=2, max_steps=8, p
                 "answer": gold if ok else "0", "correct": ok, "finished": True})
         records.append({
             "schema": 1, "id": f"{id_prefix}/{q}", "dataset": "synthetic",
-            "question": f"Synthetic question {q}?", "gold": gold, "pool": POOL,
+            "question": f"Synthetic question {id_prefix}/{q} (seed {seed})?", "gold": gold, "pool": POOL,
             "small": {"prompt_tokens": prompt, "steps": steps,
                       "answer": gold if small_ok else str(int(gold) + 1),
                       "correct": small_ok, "finished": True},
@@ -86,7 +86,7 @@ def record(qid, steps, esc, small_correct, prompt=10, pool=POOL, finished=True):
     cum = [0]
     for s in steps:
         cum.append(cum[-1] + s["tokens"])
-    return {"schema": 1, "id": qid, "question": "q", "gold": "1", "pool": pool,
+    return {"schema": 1, "id": qid, "question": f"question {qid}?", "gold": "1", "pool": pool,
             "small": {"prompt_tokens": prompt, "steps": steps,
                       "answer": "1" if small_correct else ("2" if finished else None),
                       "correct": small_correct, "finished": finished},

@@ -1,5 +1,6 @@
 """calibrate.py: exact first-crossing scoring, the threshold choice (plain and fixed-sequence
 Clopper-Pearson), and the end-to-end claim on held-out synthetic questions."""
+import dataclasses
 import json
 import math
 import sys
@@ -63,6 +64,16 @@ def test_clopper_pearson():
         assert cb.clopper_pearson_lower(k, n, d) == pytest.approx(stats.beta.ppf(d, k, n - k + 1), abs=1e-9)
 
 
+def choose(acc, cost, n, target, delta, gen=None):
+    """choose_threshold on 0/1 outcomes with the given accuracies (rows of n questions)."""
+    successes = torch.round(acc * n).long()
+    correct = (torch.arange(n)[None, :] < successes[:, None]).double()
+    if gen is not None:                               # shuffle each row's questions
+        correct = torch.stack([row[torch.randperm(n, generator=gen)] for row in correct])
+    return cb.choose_threshold(acc, cost, lambda a, b: correct[a:b], torch.ones(n),
+                               {"accuracy": target}, delta, chunk=7)
+
+
 def test_delta_choice_is_never_cheaper_than_plain():
     gen = torch.Generator().manual_seed(1)
     for trial in range(30):
@@ -70,14 +81,33 @@ def test_delta_choice_is_never_cheaper_than_plain():
         acc = torch.sort(torch.rand(K, generator=gen) * 0.4 + 0.6, descending=True).values
         acc = torch.round(acc * n) / n
         cost = torch.linspace(1.0, 0.2, K, dtype=torch.float64) + 0.05 * torch.rand(K, generator=gen)
-        grid = torch.linspace(0, 1, K)
         target = 0.6 + 0.35 * trial / 30
-        plain = cb.choose_kappa(grid, acc, cost, n, target, None)
+        plain = choose(acc, cost, n, target, None)
         for delta in (0.01, 0.1, 0.5):
-            strict = cb.choose_kappa(grid, acc, cost, n, target, delta)
+            strict = choose(acc, cost, n, target, delta)
             if strict is not None:
                 assert plain is not None and cost[strict] >= cost[plain]
                 assert cb.clopper_pearson_lower(int(round(acc[strict].item() * n)), n, delta) >= target - 1e-9
+                # fixed sequence: every threshold before the chosen one passes too
+                assert all(cb.clopper_pearson_lower(int(round(a * n)), n, delta) >= target - 1e-9
+                           for a in acc[:strict + 1].tolist())
+
+
+def test_betting_bound_by_hand():
+    # all x = 0.5 in [-1, 1], n = 10: the first bet uses the prior variance 1,
+    # lambda_1 = sqrt(2 log 10 / 10); after it the running variance is small and lambda
+    # stays at its cap 0.75 (factor 1.375)
+    x = torch.full((1, 10), 0.5, dtype=torch.float64)
+    lam1 = math.sqrt(2 * math.log(10) / 10)
+    assert cb.betting_log_capital(x, -1.0, 0.1).item() == pytest.approx(
+        math.log(1 + 0.5 * lam1) + 9 * math.log(1.375), rel=1e-12)
+    # a sample whose mean is below 0 never reaches 1/delta here
+    gen = torch.Generator().manual_seed(0)
+    x = torch.where(torch.rand(200, 400, generator=gen) < 0.45, 1.0, -1.0).double()
+    assert (cb.betting_log_capital(x, -1.0, 0.1) >= math.log(10)).double().mean().item() < 0.02
+    # ... and one well above 0 does
+    x = torch.where(torch.rand(200, 400, generator=gen) < 0.65, 1.0, -1.0).double()
+    assert (cb.betting_log_capital(x, -1.0, 0.1) >= math.log(10)).double().mean().item() > 0.95
 
 
 @pytest.fixture(scope="module")
@@ -113,31 +143,129 @@ def test_calibrated_policy_meets_target_and_beats_single_features(trained, capsy
     assert outcomes[0.1]["accuracy"].item() >= test_target
     assert outcomes[0.1]["calib_cost"] >= outcomes[None]["calib_cost"]
     # single-feature threshold routers calibrated the same way on the same calibration data
-    target = rel * calib.large_correct.mean().item()
     best = math.inf
     for name, sign in [("draft_mean_logprob", -1), ("draft_min_logprob", -1),
                        ("draft_mean_entropy", 1), ("draft_max_entropy", 1)]:
         j = tp.FEATURE_NAMES.index(name)
         score = lambda t: sign * t.features[..., j].double()
-        grid = cb.kappa_grid(score(calib), calib.mask)
-        s = cb.sweep(calib, score(calib), grid)
-        i = cb.choose_kappa(grid, s["accuracy"], s["relative_cost"], calib.Q, target, None)
-        r = cb.sweep(test, score(test), grid[i:i + 1])
+        res = cb.calibrate_scores(calib, score(calib), {"relative": rel}, None)
+        r = cb.sweep(test, score(test), torch.tensor([res["knob"]], dtype=torch.float64))
         best = min(best, r["relative_cost"].item())
     # measured: policy ~0.40 vs best single feature ~0.74 of the all-large cost
     assert outcomes[None]["relative_cost"].item() < 0.8 * best
     assert outcomes[None]["accuracy"].item() >= test_target - 0.015
 
 
-def test_no_kappa_meets_target(trained, capsys):
+def subset(table, idx):
+    """The questions idx of a table (with repeats): a calibration set drawn from a population."""
+    tensors = {f.name: getattr(table, f.name)[idx] for f in dataclasses.fields(table)
+               if isinstance(getattr(table, f.name), torch.Tensor)}
+    return dataclasses.replace(table, **tensors, ids=[table.ids[i] for i in idx.tolist()],
+                               hashes=[table.hashes[i] for i in idx.tolist()])
+
+
+def test_relative_delta_holds_over_many_calibration_sets(trained):
+    """The population is a large synthetic table: its per-kappa accuracies and its large
+    accuracy are KNOWN (computed exactly on all of it). Draw 400 calibration sets of 300
+    questions from it; the kappa chosen with --delta 0.1 must meet R x the true large accuracy
+    in at least 90% of the draws, and it must be a real threshold (cheaper than always
+    escalating) in most draws, so a bound that never accepts fails this test. The plain rule
+    misses often on the same draws: the population sits where the guarantee matters."""
+    _, policy, *_ = trained
+    pop = table_of(make_records(6000, 31, id_prefix="pop"))
+    p_pop = tp.policy_probs(policy, pop)
+    true_target = 0.95 * pop.large_correct.mean().item()
+    always = cb.sweep(pop, p_pop, torch.tensor([0.0], dtype=torch.float64))["relative_cost"].item()
+
+    def true_accuracy(kappa):
+        if kappa is None:                             # the large model alone
+            return pop.large_correct.mean().item()
+        return cb.sweep(pop, p_pop, torch.tensor([kappa], dtype=torch.float64))["accuracy"].item()
+
+    gen = torch.Generator().manual_seed(0)
+    misses, plain_misses, useful, draws = 0, 0, 0, 400
+    for _ in range(draws):
+        cal = subset(pop, torch.randint(pop.Q, (300,), generator=gen))
+        p = tp.policy_probs(policy, cal)
+        strict = cb.calibrate_scores(cal, p, {"relative": 0.95}, 0.1)
+        plain = cb.calibrate_scores(cal, p, {"relative": 0.95}, None)
+        misses += true_accuracy(strict["knob"]) < true_target
+        plain_misses += true_accuracy(plain["knob"]) < true_target
+        useful += strict["knob"] is not None and strict["relative_cost"] < always - 0.05
+    assert misses / draws <= 0.1, misses
+    assert useful / draws >= 0.8, useful
+    assert plain_misses / draws >= 0.2, plain_misses
+
+
+def test_no_kappa_meets_target_means_the_large_model_alone(trained, capsys):
     d, *_ = trained
     out = d / "impossible.json"
     assert cb.main(["--policy", str(d / "policy.pt"), "--data", str(d / "calib.jsonl"),
                     "--target-accuracy", "1.0", "--out", str(out)]) == 0
     cal = cb.load_calibration(out)
-    assert cal["met"] is False and cal["kappa"] == 0.0 and cal["target_spec"] == {"accuracy": 1.0}
+    assert cal["met"] is False and cal["kappa"] is None and cal["fallback"] == "large"
+    assert cal["target_spec"] == {"accuracy": 1.0}
+    # the point recorded is the large model alone: its accuracy, all-large cost (not a draft + large)
+    calib = table_of(make_records(1500, 12, id_prefix="c"))
+    assert cal["accuracy"] == pytest.approx(calib.large_correct.mean().item(), abs=1e-12)
+    assert cal["relative_cost"] == pytest.approx(1.0, abs=1e-12) and cal["large_share"] == 1.0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("no kappa meets the target accuracy 1.0000")
+    assert "large model alone" in err[0]
+
+
+def test_degenerate_calibration_warns(trained, tmp_path, capsys):
+    d, *_ = trained
+    recs = make_records(3, 40, id_prefix="few")
+    for r in recs:                               # the large model gets none right: target 0
+        for e in r["escalations"]:
+            e["correct"] = False
+    data = write_jsonl(tmp_path / "few.jsonl", recs)
+    assert cb.main(["--policy", str(d / "policy.pt"), "--data", data, "--target-relative", "0.9",
+                    "--out", str(tmp_path / "c.json")]) == 0
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning")]
+    assert len(err) == 1 and "the target is 0" in err[0] and "0 of 3" in err[0]
+    assert json.loads((tmp_path / "c.json").read_text())["warning"] == err[0]
+    ok = write_jsonl(tmp_path / "ok.jsonl", make_records(3, 41, id_prefix="few2"))
+    assert cb.main(["--policy", str(d / "policy.pt"), "--data", ok, "--target-relative", "0.9",
+                    "--out", str(tmp_path / "c2.json")]) == 0
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning")]
+    assert len(err) == 1 and "only 3 calibration questions" in err[0]
+    assert cb.degenerate_warning(table_of(make_records(40, 42)), 0.5) is None
+
+
+def test_kappas_print_apart():
+    a = 0.7310585786300049
+    b = math.nextafter(a, 1.0)
+    assert cb.format_kappa(a) != cb.format_kappa(b)
+    assert float(cb.format_kappa(a)) == a and float(cb.format_kappa(1 - 1e-12)) == 1 - 1e-12
+    assert cb.format_kappa(None) == "large alone"
+
+
+def test_overlap_with_training_questions_is_refused(tmp_path):
+    train_recs = make_records(200, 50, id_prefix="tr")
+    tab = table_of(train_recs)
+    policy, _ = tp.train(tab, 0.9, iters=5)
+    tp.save_policy(tmp_path / "p.pt", policy, {"question_hashes": tab.hashes})
+    # a "calibration" table holding 7 training questions under other ids, spaced differently
+    clash = make_records(50, 51, id_prefix="ca")
+    for i in range(7):
+        clash[i]["question"] = "  " + train_recs[i]["question"].upper().replace(" ", "\n ") + " "
+    data = write_jsonl(tmp_path / "clash.jsonl", clash)
+    argv = ["--policy", str(tmp_path / "p.pt"), "--data", data, "--target-relative", "0.9",
+            "--out", str(tmp_path / "c.json")]
+    with pytest.raises(UsageError, match=r"clash.jsonl shares 7 questions with .*p.pt"):
+        cb.main(argv)
+    assert cb.main(argv + ["--allow-overlap"]) == 0
+    cal = json.loads((tmp_path / "c.json").read_text())
+    assert cal["question_hashes"] == [tp.question_hash(r["question"]) for r in clash]
+
+
+def test_question_hash_normalises():
+    h = tp.question_hash
+    assert h("What is  2+2?") == h(" what is 2+2? ") == h("WHAT\tIS\n2+2?") == h("What is 2\uff0b2?")
+    assert h("What is 2+2?") != h("What is 2+3?")
+    assert len(h("x")) == 64
 
 
 def test_load_calibration_errors(tmp_path):
@@ -154,13 +282,16 @@ def test_bad_inputs_exit_2_with_one_line(trained, tmp_path):
     blob["feature_names"] = blob["feature_names"][:-1] + ["verifier_score"]
     torch.save(blob, tmp_path / "future.pt")
     base = ["calibrate.py", "--data", str(d / "calib.jsonl"), "--out", str(tmp_path / "c.json")]
+    strip_out = lambda argv: base[:3] + argv[:-2] if argv[-1:] == [None] else base + argv  # noqa: E731
     cases = [
         (["--policy", str(tmp_path / "future.pt"), "--target-relative", "0.9"],
          f"{tmp_path / 'future.pt'}: the policy uses features this build does not compute: verifier_score"),
         (["--policy", str(d / "policy.pt"), "--target-relative", "0.9", "--delta", "0"],
          "--delta must be in (0.0, 1.0], got 0.0"),
+        (["--policy", str(d / "policy.pt"), "--target-relative", "0.9", "--out", None],
+         "the following arguments are required: --out"),
     ]
-    for res, (_, message) in zip(run_parallel([base + argv for argv, _ in cases], cwd=ROOT), cases):
+    for res, (_, message) in zip(run_parallel([strip_out(argv) for argv, _ in cases], cwd=ROOT), cases):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, res.stderr
         assert lines[0] == f"calibrate.py: error: {message}"

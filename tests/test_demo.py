@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import calibrate as cb
 import demo
 from tinymodel import write_questions_jsonl
 
@@ -30,9 +31,10 @@ def run_demo(*args):
 def job(tiny_pool, tmp_path_factory):
     """The first run of demo.py on the tiny pool, with tiny counts."""
     d = tmp_path_factory.mktemp("demo")
-    questions = list(tiny_pool["questions"])
+    questions, copy = list(tiny_pool["questions"]), 0
     while len(questions) < 4 * max(COUNTS.values()):  # the test region is the last quarter
-        questions += tiny_pool["questions"]
+        copy += 1                                     # distinct texts: the stages refuse overlaps
+        questions += [{**q, "question": f"Copy {copy}. {q['question']}"} for q in tiny_pool["questions"]]
     data = write_questions_jsonl(d / "questions.jsonl", questions)
     args = ["--dataset", data, "--small", tiny_pool["small"], "--large", tiny_pool["large"],
             *[x for k, v in COUNTS.items() for x in (f"--{k}", v)],
@@ -68,9 +70,14 @@ def test_first_run_writes_every_output_and_the_headline(job):
     assert tail.startswith(f"headline on {COUNTS['test']} test questions")
     small = ev["methods"]["small"][0]
     assert f"accuracy {small['accuracy']:.3f}, relative cost {small['relative_cost']:.3f}" in tail
-    assert "best handcrafted router at the target: " in tail
-    assert f"calibrated policy (kappa {pc['kappa']:.4g})" in tail
-    assert f"meets the target: {'yes' if pc['meets_target'] else 'no'}" in tail
+    # calibrated against calibrated: the baselines were calibrated on the calib table too
+    assert ev["calib_data"] == str(out / "calib.jsonl")
+    best = ev["policy_vs_best_handcrafted"]["baseline"]
+    b = ev["calibrated"][best]
+    assert f"best calibrated handcrafted router: {best} " in tail
+    assert f"accuracy {b['accuracy']:.3f}, relative cost {b['relative_cost']:.3f}" in tail
+    assert f"calibrated policy (kappa {cb.format_kappa(pc['kappa'])})" in tail
+    assert f"meets the target: {'yes' if pc['meets_target'] else 'NO'}" in tail
     for stage in STAGES:
         assert f"{stage} done in" in stdout
 
@@ -141,12 +148,46 @@ def test_interrupted_table_resumes_and_only_that_part_is_redone(job):
     assert run["stages"]["evaluate"]["status"] == "ran"
 
 
-def test_best_handcrafted_router_at_the_target():
-    methods = {"mean_logprob": [{"knob": -1.0, "accuracy": 0.8, "relative_cost": 0.5},
-                                {"knob": -0.5, "accuracy": 0.9, "relative_cost": 0.7}],
-               "min_logprob": [{"knob": -3.0, "accuracy": 0.9, "relative_cost": 0.6}],
-               "mean_entropy": [], "max_entropy": [{"knob": 2.0, "accuracy": 0.95, "relative_cost": 0.9}],
-               "oracle": [{"knob": None, "accuracy": 1.0, "relative_cost": 0.1}]}  # not handcrafted
-    name, point = demo.best_at_target(methods, 0.9)
-    assert (name, point["relative_cost"]) == ("min_logprob", 0.6)
-    assert demo.best_at_target(methods, 0.96) is None
+def headline_example():
+    pt = lambda knob, acc, cost, met, cmet, ccost: {  # noqa: E731
+        "knob": knob, "accuracy": acc, "relative_cost": cost, "meets_target": met, "target": 0.9,
+        "calibration_met": cmet, "calibration_accuracy": acc, "calibration_relative_cost": ccost}
+    pc = {**pt(0.8, 0.92, 0.4, True, True, 0.38), "kappa": 0.8, "target_spec": {"relative": 0.95},
+          "delta": None}
+    ev = {"n": 1, "methods": {"small": [{"accuracy": 0.5, "relative_cost": 0.1}],
+                              "large": [{"accuracy": 0.95, "relative_cost": 1.0}],
+                              # in hindsight on the test questions this one looks best: not used
+                              "mean_logprob": [{"knob": -1.0, "accuracy": 0.99, "relative_cost": 0.2}]},
+          "policy_calibrated": pc,
+          "calibrated": {"policy": pc, "random": pt(0.7, 0.91, 0.96, True, True, 0.95),
+                         "mean_logprob": pt(-0.6, 0.96, 0.73, True, True, 0.74),
+                         "min_logprob": pt(-2.4, 0.94, 0.83, True, True, 0.85),
+                         "mean_entropy": pt(0.5, 0.93, 0.74, True, True, 0.72),
+                         "max_entropy": pt(2.3, 0.89, 0.72, False, False, 0.70)},
+          "policy_vs_best_handcrafted": {"baseline": "mean_entropy", "relative_cost_difference": -0.34,
+                                         "ci": [-0.4, -0.3]},
+          "pool": {"small": {"model": "s"}, "large": {"model": "l"}}}
+    return demo.headline(ev), ev
+
+
+def test_headline_compares_calibrated_with_calibrated():
+    h, _ = headline_example()
+    assert h["best_handcrafted_calibrated"]["method"] == "mean_entropy"   # cheapest met on calibration
+    assert h["best_handcrafted_calibrated"]["relative_cost"] == 0.74
+
+
+def test_headline_prints_plurals_and_the_interval(capsys):
+    h, ev = headline_example()
+    demo.print_headline(h, ev)
+    out = capsys.readouterr().out
+    assert "headline on 1 test question (" in out
+    assert "best calibrated handcrafted router: mean_entropy (tau 0.5)" in out
+    assert "policy minus mean_entropy in relative cost: -0.340 (95% paired bootstrap [-0.400, -0.300])" in out
+
+
+def test_default_out_is_not_the_committed_results():
+    assert Path(demo.parse_args([]).out) != Path("results/demo")
+    assert demo.parse_args(["--refresh-committed"]).out == "results/demo"
+    assert demo.parse_args(["--out", "x"]).out == "x"
+    with pytest.raises(demo.UsageError, match="does not go with --out"):
+        demo.parse_args(["--refresh-committed", "--out", "elsewhere"])

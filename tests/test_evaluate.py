@@ -86,7 +86,9 @@ def hand_eval(tmp_path_factory):
     tp.save_policy(d / "policy.pt", policy, {"note": "hand-set"})
     assert cb.main(["--policy", str(d / "policy.pt"), "--data", data, "--target-relative", "1.0",
                     "--out", str(d / "cal.json"), *DOLLARS]) == 0
+    # calibration and test on the same questions: deliberate here (the numbers are by hand)
     assert ev.main(["--data", data, "--policy", str(d / "policy.pt"), "--calibration", str(d / "cal.json"),
+                    "--calib-data", data, "--allow-overlap",
                     "--out", str(d / "eval"), "--bootstrap", "200", *DOLLARS]) == 0
     return d, json.loads((d / "eval" / "eval.json").read_text())
 
@@ -163,9 +165,111 @@ def test_stricter_target_not_met(hand_eval, tmp_path):
     cal["target_spec"] = {"accuracy": 0.8}
     (tmp_path / "cal.json").write_text(json.dumps(cal))
     ev.main(["--data", str(d / "hand.jsonl"), "--policy", str(d / "policy.pt"), "--calibration",
-             str(tmp_path / "cal.json"), "--out", str(tmp_path / "e"), "--bootstrap", "0", *DOLLARS])
+             str(tmp_path / "cal.json"), "--out", str(tmp_path / "e"), "--bootstrap", "0", "--allow-overlap",
+             *DOLLARS])
     pc = json.loads((tmp_path / "e" / "eval.json").read_text())["policy_calibrated"]
     assert pc["target"] == 0.8 and pc["meets_target"] is False and "ci" not in pc
+
+
+def test_calibrated_baselines_by_hand(hand_eval):
+    """Every baseline calibrated on the (hand) calibration table with the policy's rule and
+    target (relative 1.0: accuracy >= 0.75), measured on the test questions (the same table)."""
+    _, res = hand_eval
+    cal = res["calibrated"]
+    assert set(cal) == {"policy", "random", "mean_logprob", "min_logprob", "mean_entropy", "max_entropy"}
+    assert cal["policy"] == res["policy_calibrated"]
+    for pt in cal.values():
+        assert {"knob", "accuracy", "relative_cost", "target", "meets_target"} <= set(pt)
+    # mean_logprob: tau in [-1, -0.5) reaches 0.75 cheapest (a escalates at step 2 only);
+    # the calibrated threshold is the grid point tau = -1.0
+    assert cal["mean_logprob"]["knob"] == pytest.approx(-1.0)
+    assert point(cal["mean_logprob"]) == approx((0.75, 175 / 900)) and cal["mean_logprob"]["meets_target"]
+    # min_logprob and the entropies are constant: only "always at step 1" reaches 0.75
+    for name in ("min_logprob", "mean_entropy", "max_entropy"):
+        assert point(cal[name]) == approx(ALWAYS), name
+    # random: the cheapest p of the sweep whose exact expected accuracy reaches 0.75
+    ok = [p for p in res["methods"]["random"] if p["accuracy"] >= 0.75 - 1e-12]
+    cheapest = min(ok, key=lambda p: p["relative_cost"])
+    assert cal["random"]["knob"] == cheapest["knob"] and point(cal["random"]) == approx(point(cheapest))
+    # the paired comparison: the best calibrated handcrafted router is mean_logprob (met, cheapest)
+    cmp_ = res["policy_vs_best_handcrafted"]
+    assert cmp_["baseline"] == "mean_logprob"
+    assert cmp_["relative_cost_difference"] == pytest.approx(0.0, abs=1e-12)   # the same routes here
+    assert cmp_["ci"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    md = (hand_eval[0] / "eval" / "eval.md").read_text()
+    assert md.index("| calibrated router |") < md.index("chosen in hindsight on the test questions")
+    assert "| mean_logprob | -1 | 0.750" in md
+
+
+def test_calibrated_on_other_questions_judged_on_the_test_large_model(hand_eval, tmp_path):
+    d, _ = hand_eval
+    recs = hand_records()
+    for r in recs:
+        r["question"] = "test " + r["question"]
+    recs[1]["escalations"][0]["correct"] = False      # b: large alone now wrong: large acc 0.5
+    data = write_jsonl(tmp_path / "test.jsonl", recs)
+    assert ev.main(["--data", data, "--policy", str(d / "policy.pt"), "--calibration", str(d / "cal.json"),
+                    "--calib-data", str(d / "hand.jsonl"), "--out", str(tmp_path / "e"),
+                    "--bootstrap", "0", *DOLLARS]) == 0
+    res = json.loads((tmp_path / "e" / "eval.json").read_text())
+    cal = res["calibrated"]
+    assert all(pt["target"] == pytest.approx(0.5) for pt in cal.values())   # 1.0 x test large accuracy
+    # mean_logprob at tau -1.0 on the test table: a at step 2, b/d never: 0.75 >= 0.5
+    assert point(cal["mean_logprob"]) == approx((0.75, 175 / (900 - 300 + 300)))
+    assert cal["mean_logprob"]["meets_target"] is True
+    assert "ci" not in res["policy_vs_best_handcrafted"]
+
+
+def test_no_kappa_is_the_large_model_alone(hand_eval, tmp_path):
+    d, _ = hand_eval
+    data = str(d / "hand.jsonl")
+    assert cb.main(["--policy", str(d / "policy.pt"), "--data", data, "--target-accuracy", "1.0",
+                    "--out", str(tmp_path / "cal.json"), *DOLLARS]) == 0
+    cal = json.loads((tmp_path / "cal.json").read_text())
+    assert cal["kappa"] is None and cal["fallback"] == "large"
+    assert ev.main(["--data", data, "--policy", str(d / "policy.pt"), "--calibration", str(tmp_path / "cal.json"),
+                    "--calib-data", data, "--allow-overlap", "--out", str(tmp_path / "e"),
+                    "--bootstrap", "50", *DOLLARS]) == 0
+    res = json.loads((tmp_path / "e" / "eval.json").read_text())
+    pc = res["policy_calibrated"]
+    # the large model alone: all-large cost (1.0), no draft paid for (escalating at step 1 costs 935/900)
+    assert pc["knob"] is None and pc["kappa"] is None and point(pc) == approx(LARGE)
+    assert pc["large_share"] == 1.0 and pc["meets_target"] is False    # target 1.0, large gets 0.75
+    assert pc["escalation_step_counts"] == [0, 0, 0, 0, 3]            # a, b, d: large alone
+    assert all(pt["knob"] is None and point(pt) == approx(LARGE) for pt in res["calibrated"].values())
+    md = (tmp_path / "e" / "eval.md").read_text()
+    assert "| policy | large alone | 0.750" in md
+
+
+def test_dollar_prices_as_in_out_pairs(hand_eval, tmp_path):
+    """--price-small/--price-large IN,OUT (dollars per million tokens) price exactly like IN OUT,
+    and the recorded per-token prices are the given ones / 1e6."""
+    d, res = hand_eval
+    assert ev.main(["--data", str(d / "hand.jsonl"), "--out", str(tmp_path / "e"), "--bootstrap", "0",
+                    "--price-small", "0,1", "--price-large", "0,10"]) == 0
+    again = json.loads((tmp_path / "e" / "eval.json").read_text())
+    for name in ("small", "large", "random", "mean_logprob", "oracle"):
+        assert [point(p) for p in again["methods"][name]] == [approx(point(p)) for p in res["methods"][name]]
+    assert again["pricing"] == {"small_in": 0.0, "small_out": pytest.approx(1e-6), "large_in": 0.0,
+                                "large_out": pytest.approx(1e-5), "unit": "dollars"}
+
+
+def test_frontier_keeps_only_undominated_points():
+    pts = [{"relative_cost": c, "accuracy": a} for c, a in
+           [(0.5, 0.7), (0.2, 0.6), (0.5, 0.6), (0.9, 0.65), (0.3, 0.8), (1.0, 0.8), (0.1, 0.5)]]
+    front = [(p["relative_cost"], p["accuracy"]) for p in ev.frontier(pts)]
+    assert front == [(0.1, 0.5), (0.2, 0.6), (0.3, 0.8)]
+
+
+def test_best_handcrafted_is_chosen_on_calibration():
+    c = lambda met, acc, cost, test_cost: {"calibration_met": met, "calibration_accuracy": acc,  # noqa: E731
+                                           "calibration_relative_cost": cost, "relative_cost": test_cost}
+    cal = {"mean_logprob": c(True, 0.9, 0.6, 0.1), "min_logprob": c(True, 0.9, 0.5, 0.9),
+           "mean_entropy": c(False, 0.95, 0.2, 0.1), "max_entropy": c(False, 0.7, 0.1, 0.1)}
+    assert ev.best_handcrafted(cal) == "min_logprob"
+    for v in cal.values():
+        v["calibration_met"] = False
+    assert ev.best_handcrafted(cal) == "mean_entropy"
 
 
 def test_frontier_area():
@@ -210,6 +314,9 @@ def test_bad_inputs_exit_2_with_one_line(hand_eval, tmp_path):
     data = str(d / "hand.jsonl")
     in_process = [
         (["--data", data, "--calibration", str(d / "cal.json")], "--calibration needs --policy"),
+        (["--data", data, "--calib-data", data], "--calib-data needs --calibration"),
+        (["--data", data, "--policy", str(d / "policy.pt"), "--calibration", str(d / "cal.json")],
+         r"hand.jsonl shares 4 questions with .*cal.json \(its calibration questions\)"),
         (["--data", data, "--bootstrap", "-1"], r"--bootstrap must be in \[0, 1000000\], got -1"),
         (["--data", data, "--policy", str(tmp_path / "other.pt"), "--calibration", str(tmp_path / "nope.json")],
          "nope.json: no such calibration file"),

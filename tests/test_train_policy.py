@@ -1,5 +1,6 @@
 """train_policy.py: features, pricing, table tensors, the two gradient estimators, the
 primal-dual loop, determinism, the policy file and one-line errors."""
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -59,10 +60,14 @@ def test_table_costs_by_hand():
     # n = 0: the large outcome is the small one, all-large cost = small cost
     assert t.large_cost[1].item() == t.small_cost[1].item() == pytest.approx(0.5 * s * 8)
     assert t.large_tokens[1].item() == 0 and t.small_correct[1].item() == 1.0
-    # dollar prices replace FLOPs
-    d = table_of(recs, SimpleNamespace(prompt_cost=0.0, price_small=[1.0, 2.0], price_large=[3.0, 4.0]))
-    assert d.esc_cost[0, 1].item() == pytest.approx(2 * 30 + 1 * 10 + 4 * 50 + 3 * 20)
-    assert d.pricing.unit == "dollars"
+    # dollar prices (per million prompt / generated tokens) replace FLOPs; IN,OUT or IN OUT
+    for small, large in ((["1", "2"], ["3", "4"]), (["1,2"], ["3,4"])):
+        d = table_of(recs, SimpleNamespace(prompt_cost=0.0, price_small=small, price_large=large))
+        assert d.esc_cost[0, 1].item() == pytest.approx((2 * 30 + 1 * 10 + 4 * 50 + 3 * 20) / 1e6)
+        assert d.large_cost[0].item() == pytest.approx((4 * 100 + 3 * 10) / 1e6)   # large alone
+        assert d.pricing.unit == "dollars" and d.pricing.large_out == pytest.approx(4e-6)
+    with pytest.raises(UsageError, match="--price-small takes IN,OUT"):
+        table_of(recs, SimpleNamespace(prompt_cost=0.0, price_small=["1,2,3"], price_large=["3,4"]))
 
 
 def test_one_pool_per_table():
@@ -70,6 +75,54 @@ def test_one_pool_per_table():
     recs = [record("a", [step(1)], [(1, True)], True), record("b", [step(1)], [(1, True)], True, pool=other)]
     with pytest.raises(UsageError, match="'b'"):
         table_of(recs)
+
+
+def test_training_cost_is_the_reported_relative_cost():
+    """Costs are divided by the MEAN all-large cost of the training questions, so the mean
+    episode cost is sum(costs) / sum(all-large costs), what calibration and evaluation report.
+    Here the all-large costs differ threefold (a per-question normalisation gives another number)."""
+    recs = [record("a", [step(10), step(10)], [(10, True), (5, False)], small_correct=False),
+            record("b", [step(30)], [(30, True)], small_correct=True)]
+    t = tp.build_table(recs, tp.Pricing(0.0, 1.0, 0.0, 10.0, unit="dollars"))
+    assert t.large_cost.tolist() == [100.0, 300.0]
+    correct, cost = tp.episode_values(t)
+    # a: escalate at 1 (10 + 100), at 2 (20 + 50), never (20); b: at 1 (30 + 300), never (30)
+    assert cost[0].tolist() == pytest.approx([110 / 200, 70 / 200, 20 / 200])
+    assert cost[1, [0, 2]].tolist() == pytest.approx([330 / 200, 30 / 200])
+    pol = tp.Policy()
+    pol.fit_normalisation(t.features, t.mask)
+    with torch.no_grad():
+        p = tp.policy_probs(pol, t)
+        _, stats = tp.lagrangian(pol, t.features, t.mask, correct, cost, 0.0, 0.5, "exact")
+        p_esc, p_never = tp.escalation_distribution(p, t.mask)
+        reported = t.relative_cost((p_esc * t.esc_cost).sum(-1) + p_never * t.small_cost).item()
+    assert stats["cost"] == pytest.approx(reported, rel=1e-6)
+
+
+def test_every_training_flag_reaches_training(tmp_path):
+    """Each training flag, given two values, gives two different policies (so none is parsed
+    and then dropped on the way to train()), and every TrainConfig field has a flag."""
+    data = write_jsonl(tmp_path / "t.jsonl", make_records(120, 3))
+    base = ["--train", data, "--target-relative", "0.95", "--iters", "15", "--batch-size", "32"]
+    args = tp.build_parser().parse_args([*base, "--out", "x.pt"])
+    assert {f.name for f in dataclasses.fields(tp.TrainConfig)} <= set(vars(args))
+    assert tp.config_from_args(args) == dataclasses.replace(tp.TrainConfig(), iters=15, batch_size=32)
+    other = {"--hidden": ["8"], "--activation": ["relu"], "--features": ["draft_mean_logprob,step"],
+             "--iters": ["14"], "--batch-size": ["16"], "--episodes": ["3"], "--lr": ["0.05"],
+             "--lambda-lr": ["5"], "--lambda-init": ["9"], "--logit-l2": ["3"],
+             "--estimator": ["exact"], "--seed": ["1"]}
+    assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(tp.TrainConfig)} == set(other)
+    tab = table_of(make_records(120, 3))
+
+    def probs(extra, name):
+        assert tp.main([*base, *extra, "--out", str(tmp_path / f"{name}.pt")]) == 0
+        return tp.policy_probs(tp.load_policy(tmp_path / f"{name}.pt"), tab)
+
+    ref = probs([], "ref")
+    assert torch.equal(ref, probs([], "ref2"))                  # deterministic: a change is the flag's
+    for flag, value in other.items():
+        p = probs([flag, *value], flag[2:])
+        assert not torch.allclose(p, ref, atol=1e-6), flag
 
 
 def test_escalation_distribution():
@@ -180,12 +233,19 @@ def test_feature_subset_and_policy_file_errors(tmp_path):
     (["--target-relative", "0.9", "--episodes", "1"], "--episodes must be in"),
     (["--target-relative", "0.9", "--features", "step,nope"], "--features: unknown nope"),
     (["--target-relative", "0.9", "--price-small", "1", "2"], "go together"),
+    (["--target-relative", "0.9", "--price-small", "1,x", "--price-large", "1,2"], "--price-small takes IN,OUT"),
     ([], "one of the arguments --target-accuracy --target-relative is required"),
 ])
 def test_bad_flags_raise_usage_error(tmp_path, argv, message):
     data = write_jsonl(tmp_path / "t.jsonl", make_records(5, 1))
     with pytest.raises(UsageError, match=message):
         tp.main(["--train", data, "--out", str(tmp_path / "p.pt"), *argv])
+
+
+def test_out_is_required(tmp_path):
+    data = write_jsonl(tmp_path / "t.jsonl", make_records(5, 1))
+    with pytest.raises(UsageError, match="required: --out"):
+        tp.main(["--train", data, "--target-relative", "0.9"])
 
 
 def test_bad_tables_exit_2_with_one_line(tmp_path):
