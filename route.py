@@ -1,4 +1,4 @@
-"""Stage 5 of stepwise model routing: route a question live, step by step (DESIGN.md section 1).
+"""Stage 5 of stepwise model routing: route one question live, step by step (docs/DESIGN.md 1).
 
 The small model drafts one step at a time (its KV cache carries over, nothing is encoded
 twice). After each draft the state features (train_policy.state_features, the function
@@ -9,28 +9,62 @@ rollout.py. With greedy decoding this is exactly the run that the trajectory tab
 predicts for the same escalation step, which is what makes the table's numbers true of
 live routing (tests/test_route.py checks it).
 
-    python route.py --policy results/gsm8k/policy.pt \\
-        --calibration results/gsm8k/calibration.json "Janet's ducks lay 16 eggs per day. ..."
-    python route.py --policy ... --calibration ... --interactive
-    python route.py ... --json "question"        # one JSON object on the last line
+Run it right after `python fetch_models.py` (the committed SVAMP policy of the
+Qwen2.5-Coder 0.5B -> 1.5B pool; `make demo` rebuilds it):
 
---small/--large default to the pool recorded in the policy file. --escalate-at K forces
-escalation at step K (K = 0: the large model alone), ignoring the policy.
+    python route.py --policy results/svamp/policy.pt --calibration results/svamp/calibration.json \\
+        "Dan had 5 apples and bought 7 more. How many apples does he have now?"
+
+    python route.py --policy ... --calibration ... --interactive   # a prompt loop, both models loaded
+    python route.py ... --json "question"        # one JSON object on the last line of stdout
+
+--small/--large default to the pool recorded in the policy file (a folder of fetch_models.py
+that is not where the policy says is looked up in this machine's model cache). The calibration
+must be the one made for this policy (checked by the policy file's sha256, as evaluate.py
+does). A calibration in which no threshold met the target (`"kappa": null, "fallback":
+"large"`) means the large model alone: nothing is drafted. The large model is loaded only
+when a question escalates (in --interactive both are loaded up front). --escalate-at K
+forces escalation at step K (K = 0: the large model alone), ignoring the policy.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
-from rollout import (DEFAULT_LARGE, DEFAULT_SMALL, ArgumentParser, StepDrafter, UsageError, encode_prompt,
-                     extract_answer, load_lm, run_cli)
+from rollout import (DEFAULT_LARGE, DEFAULT_SMALL, LM, StepDrafter, UsageError, encode_prompt,
+                     extract_answer, load_lm, make_parser, run_cli)
+
+GET_ONE = "train one with train_policy.py and calibrate.py, or run `make demo` to rebuild " \
+          "results/svamp/policy.pt and results/svamp/calibration.json"
+
+
+class LazyLM:
+    """A model of the pool that is loaded on first use, so that a one-shot question that never
+    escalates does not pay for loading the large model. `params` (from the policy's pool)
+    prices a run without loading it."""
+
+    def __init__(self, name: str, device: str, dtype: str, params: int | None = None,
+                 say=lambda msg: None):
+        self.name, self.device, self.dtype, self.params = name, device, dtype, params
+        self.say, self.lm, self.load_seconds = say, None, 0.0
+
+    def get(self) -> LM:
+        if self.lm is None:
+            t = time.perf_counter()
+            self.say(f"loading {self.name} ...")
+            self.lm = load_lm(self.name, self.device, self.dtype)
+            self.params = self.lm.params
+            self.load_seconds = time.perf_counter() - t
+            self.say(f"loaded {self.name} in {self.load_seconds:.1f} s")
+        return self.lm
 
 
 class Display:
     """Prints steps for a person as they are written, marked by model."""
-    COLOURS = {"small": "\033[36m", "large": "\033[35m", "dropped": "\033[2;9m"}
+    COLOURS = {"small": "\033[36m", "large": "\033[35m", "dropped": "\033[2;9m", "note": "\033[2m"}
 
     def __init__(self, enabled: bool, stream=sys.stdout):
         self.enabled, self.stream = enabled, stream
@@ -39,28 +73,52 @@ class Display:
     def paint(self, text: str, kind: str) -> str:
         return f"{self.COLOURS[kind]}{text}\033[0m" if self.colour else text
 
-    def step(self, t: int, model: str, text: str, p: float | None = None, accepted=True):
+    def note(self, text: str):
+        if self.enabled:
+            print(self.paint(text, "note"), file=self.stream, flush=True)
+
+    def step(self, t: int, model: str, text: str, p: float | None = None,
+             kappa: float | None = None, accepted=True):
         if not self.enabled:
             return
-        tag = f"[{t}] {model}" + (f" p={p:.3f}" if p is not None else "")
-        tag += "" if accepted else " ESCALATE (draft dropped)"
+        tag = f"[{t}] {model}"
+        if p is not None:
+            tag += f"  p={p:.3f}" + ("" if kappa is None else
+                                     f" {'<' if p < kappa else '>='} kappa {kappa:.3f}")
+        tag += "" if accepted else "  ESCALATE (draft dropped)"
         body = text.rstrip("\n")
         print(self.paint(tag, model if accepted else "dropped"), file=self.stream)
         print(self.paint(body, model if accepted else "dropped") + "\n", file=self.stream,
               flush=True)
 
 
-def route(question: str, small, large, policy, kappa: float, max_new_tokens: int,
+def route(question: str, small, large, policy, kappa: float | None, max_new_tokens: int,
           escalate_at: int | None = None, display: Display | None = None) -> dict:
-    """One-way escalation on one question. Returns the run as a dict (see --json)."""
+    """One-way escalation on one question. Returns the run as a dict (see --json).
+
+    `small` and `large` are loaded models (LM) or LazyLM, loaded only if the route needs them.
+    The route is forced by `escalate_at` (0: the large model alone; K: escalate at step K);
+    else the policy escalates at the first step with p >= kappa; kappa None (a calibration
+    whose fallback is the large model) is the large model alone: nothing is drafted."""
     import torch
     from train_policy import state_features
+
+    def need(m):
+        return m.get() if isinstance(m, LazyLM) else m
+
     display = display or Display(False)
-    steps, accepted, escalated_at = [], [], None
-    prompt = encode_prompt(small.tokenizer, question)
-    drafter = StepDrafter(small, prompt, max_new_tokens)
-    small_tokens = 0
-    if escalate_at != 0:
+    start = time.perf_counter()
+    loads_before = sum(m.load_seconds for m in (small, large) if isinstance(m, LazyLM))
+    large_only = escalate_at == 0 or (escalate_at is None and kappa is None)
+    steps, accepted, escalated_at, small_tokens = [], [], None, 0
+    if large_only:
+        escalated_at = 0
+        display.note("large model only" + (" (the calibration's fallback: no threshold met "
+                                            "its target)" if escalate_at is None else ""))
+    else:
+        small_lm = need(small)
+        prompt = encode_prompt(small_lm.tokenizer, question)
+        drafter = StepDrafter(small_lm, prompt, max_new_tokens)
         while (draft := drafter.next_step()) is not None:
             t = len(accepted) + 1
             small_tokens += draft["tokens"]
@@ -71,66 +129,93 @@ def route(question: str, small, large, policy, kappa: float, max_new_tokens: int
             escalate = t == escalate_at if escalate_at is not None else p >= kappa
             steps.append({"text": draft["text"], "model": "small", "p_escalate": p,
                           "accepted": not escalate})
-            display.step(t, "small", draft["text"], p, accepted=not escalate)
+            display.step(t, "small", draft["text"], p, kappa if escalate_at is None else None,
+                         accepted=not escalate)
             if escalate:
                 escalated_at = t
                 break
             accepted.append(draft)
-    else:
-        escalated_at = 0  # the large model alone
     solution = "".join(s["text"] for s in accepted)
     large_tokens = 0
     if escalated_at is not None:
-        cont = StepDrafter(large, encode_prompt(large.tokenizer, question, solution),
+        large_lm = need(large)
+        cont = StepDrafter(large_lm, encode_prompt(large_lm.tokenizer, question, solution),
                            max_new_tokens)
         while (step := cont.next_step()) is not None:
             large_tokens += step["tokens"]
             steps.append({"text": step["text"], "model": "large", "accepted": True})
             display.step(len(steps) - (escalated_at > 0), "large", step["text"])
         solution += cont.solution_text
+    loads = sum(m.load_seconds for m in (small, large) if isinstance(m, LazyLM)) - loads_before
+    seconds = time.perf_counter() - start - loads
     # Cost in FLOPs (2 * params per generated token), relative to the large model alone.
-    # That run is not made: its length is estimated by the final solution's length.
-    cost = 2 * small.params * small_tokens + 2 * large.params * large_tokens
-    large_alone = large_tokens if escalated_at == 0 else \
-        len(large.tokenizer(solution, add_special_tokens=False)["input_ids"])
-    return {"question": question, "steps": steps, "escalated_at": escalated_at,
-            "answer": extract_answer(solution), "solution": solution,
+    # That run is not made: its length is estimated by the final solution's length (counted
+    # by the small tokenizer where the large model was not loaded).
+    small_params, large_params = small.params if small_tokens else 0, large.params
+    if escalated_at == 0:
+        large_alone = large_tokens
+    else:
+        counter = large.lm if isinstance(large, LazyLM) else large
+        counter = counter if counter is not None else need(small)
+        large_alone = len(counter.tokenizer(solution, add_special_tokens=False)["input_ids"])
+    relative_cost = None
+    if large_params:
+        cost = 2 * small_params * small_tokens + 2 * large_params * large_tokens
+        relative_cost = cost / (2 * large_params * max(1, large_alone))
+    where = ("large model only" if escalated_at == 0 else "small model only (never escalated)"
+             if escalated_at is None else f"escalated at step {escalated_at}")
+    return {"question": question, "steps": steps, "escalated_at": escalated_at, "route": where,
+            "kappa": kappa, "answer": extract_answer(solution), "solution": solution,
             "tokens": {"small": small_tokens, "large": large_tokens},
-            "relative_cost": cost / (2 * large.params * max(1, large_alone)),
-            "relative_cost_is_estimate": escalated_at != 0}
+            "relative_cost": relative_cost, "relative_cost_is_estimate": escalated_at != 0,
+            "seconds": round(seconds, 3), "load_seconds": round(loads, 3)}
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("question", nargs="?", help="the question, quoted (or --interactive)")
+    p.add_argument("--policy", metavar="PATH",
+                   help="policy file from train_policy.py, e.g. results/svamp/policy.pt "
+                        "(needed unless --escalate-at is given)")
+    p.add_argument("--calibration", metavar="PATH",
+                   help="calibration.json that calibrate.py made for this policy: gives kappa, "
+                        "or the large model alone where no kappa met the target")
+    p.add_argument("--kappa", type=float, metavar="K",
+                   help="threshold on p(escalate), in place of --calibration")
+    p.add_argument("--small", metavar="MODEL",
+                   help="small model: hub id, local folder or .gguf file (default: the policy's "
+                        f"pool, else {DEFAULT_SMALL})")
+    p.add_argument("--large", metavar="MODEL",
+                   help="large model: hub id, local folder or .gguf file (default: the policy's "
+                        f"pool, else {DEFAULT_LARGE})")
+    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
+                   help="token limit per model, as rollout.py's (default 1024)")
+    p.add_argument("--escalate-at", type=int, metavar="K",
+                   help="force escalation at step K, ignoring the policy (0: the large model alone)")
+    p.add_argument("--interactive", action="store_true",
+                   help="a prompt loop; both models are loaded once, up front")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the run on the last line of stdout "
+                        "(the live display goes to stderr)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU where there is one, else cpu), cpu, cuda or cuda:N "
+                        "(default auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 where the hardware computes in it, else float32), "
+                        "bfloat16, float16 or float32 (default auto)")
+    return p
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(
-        description="Route one question live: the small model drafts steps, the policy "
-                    "escalates to the large model when p(escalate) >= kappa.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("question", nargs="?", help="the question (or use --interactive)")
-    p.add_argument("--policy", help="policy file from train_policy.py (needed unless "
-                                    "--escalate-at is given)")
-    p.add_argument("--calibration", help="calibration.json from calibrate.py (gives kappa)")
-    p.add_argument("--kappa", type=float, default=None,
-                   help="threshold on p(escalate), instead of --calibration")
-    p.add_argument("--small", default=None, help="default: the policy's pool, else "
-                   + DEFAULT_SMALL)
-    p.add_argument("--large", default=None, help="default: the policy's pool, else "
-                   + DEFAULT_LARGE)
-    p.add_argument("--max-new-tokens", type=int, default=1024,
-                   help="per model, as in rollout.py")
-    p.add_argument("--escalate-at", type=int, default=None,
-                   help="force escalation at this step (0: the large model alone)")
-    p.add_argument("--interactive", action="store_true", help="a prompt loop")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object with the run on the last line")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if not args.interactive and (args.question is None or not args.question.strip()):
         raise UsageError("give a non-empty question, or --interactive")
     if args.escalate_at is not None and args.escalate_at < 0:
         raise UsageError(f"--escalate-at must be >= 0, got {args.escalate_at}")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.kappa is not None and args.calibration:
+        raise UsageError("give --calibration or --kappa, not both")
     if args.escalate_at is None:
         if not args.policy:
             raise UsageError("--policy is needed (or --escalate-at K to force a route)")
@@ -139,31 +224,82 @@ def parse_args(argv=None):
     return args
 
 
+def read_calibration(path: str, policy_path: str | None) -> dict:
+    """calibrate.py's file, refused (one line) unless it was made for this very policy file."""
+    from calibrate import load_calibration, sha256
+    if not Path(path).is_file():
+        raise UsageError(f"{path}: no such calibration file; {GET_ONE}")
+    cal = load_calibration(path)
+    if policy_path and cal["policy_sha256"] != sha256(policy_path):
+        raise UsageError(f"{path} was made for policy {cal['policy']} "
+                         f"(sha256 {cal['policy_sha256'][:12]}...), not for {policy_path}")
+    return cal
+
+
+def pool_model(given: str | None, pool: dict, role: str, default: str) -> tuple[str, str, int | None]:
+    """The model for `role`, where it came from, and its size where the policy's pool knows it.
+    A policy records its pool as the tables named it; a fetch_models.py folder recorded on
+    another machine (or cache) is found by its name in this machine's model cache."""
+    recorded = pool.get(role, {})
+    name, source = (given, f"--{role}") if given else \
+        (recorded.get("model", default), "the policy's pool" if recorded else "default")
+    if not given and recorded and not Path(name).expanduser().exists():
+        from fetch_models import REGISTRY, default_cache
+        short = Path(name).name
+        if short in REGISTRY:
+            if not (default_cache() / short / "config.json").is_file():
+                raise UsageError(f"the policy's {role} model {short} is not in the model cache "
+                                 f"{default_cache()}: run `python fetch_models.py` first, or "
+                                 f"pass --{role}")
+            name, source = str(default_cache() / short), "the policy's pool, in the model cache"
+    same = recorded.get("model") is not None and Path(recorded["model"]).name == Path(name).name
+    return name, source, recorded.get("params") if same else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    display = Display(enabled=True, stream=sys.stderr if args.json else sys.stdout)
     policy, kappa, pool = None, args.kappa, {}
     if args.policy:
         from train_policy import load_policy
+        if not Path(args.policy).is_file():
+            raise UsageError(f"{args.policy}: no such policy file; {GET_ONE}")
         policy = load_policy(args.policy)
         pool = policy.meta.get("pool", {})
-    if args.calibration and kappa is None:
-        from calibrate import load_calibration
-        kappa = load_calibration(args.calibration)["kappa"]
-    small_name = args.small or pool.get("small", {}).get("model", DEFAULT_SMALL)
-    large_name = args.large or pool.get("large", {}).get("model", DEFAULT_LARGE)
-    small = load_lm(small_name, args.device, args.dtype)
-    large = small if large_name == small_name else load_lm(large_name, args.device, args.dtype)
-    display = Display(enabled=True, stream=sys.stderr if args.json else sys.stdout)
+    if args.calibration:
+        cal = read_calibration(args.calibration, args.policy)
+        kappa = cal["kappa"]
+        if kappa is None and cal.get("fallback") != "large":
+            raise UsageError(f"{args.calibration}: kappa is null but fallback is not \"large\"")
+    large_only = args.escalate_at == 0 or (args.escalate_at is None and kappa is None)
+
+    models = {}
+    for role, default in (("small", DEFAULT_SMALL), ("large", DEFAULT_LARGE)):
+        name, source, params = pool_model(getattr(args, role), pool, role, default)
+        if role == "large" or not large_only:
+            load_lm(name, check_only=True)  # a mistyped name fails now, not after drafting
+            display.note(f"{role} model: {name} ({source})")
+        models[role] = LazyLM(name, args.device, args.dtype, params, display.note)
+    small, large = models["small"], models["large"]
+    if large.name == small.name:
+        large = small
+    if args.interactive:  # a prompt loop: load what every question may need, once
+        if not large_only:
+            small.get()
+        large.get()
+    if kappa is not None and args.escalate_at is None:
+        display.note(f"escalate at the first step with p(escalate) >= kappa {kappa:.4g}")
 
     def one(question: str) -> dict:
         run = route(question, small, large, policy, kappa, args.max_new_tokens,
                     args.escalate_at, display)
-        where = "never" if run["escalated_at"] is None else f"at step {run['escalated_at']}"
-        print(f"answer: {run['answer']}  |  escalated: {where}  |  tokens small "
-              f"{run['tokens']['small']}, large {run['tokens']['large']}  |  relative cost "
-              f"{run['relative_cost']:.3f}" + (" (estimated: the large model alone was not "
-                                               "run)" if run["relative_cost_is_estimate"] else ""),
-              file=display.stream, flush=True)
+        cost = "relative cost unknown (the large model's size is not known without loading it)" \
+            if run["relative_cost"] is None else f"relative cost {run['relative_cost']:.3f}" + (
+                " (estimated: the large model alone was not run)"
+                if run["relative_cost_is_estimate"] else "")
+        print(f"answer: {run['answer']}  |  {run['route']}  |  tokens small "
+              f"{run['tokens']['small']}, large {run['tokens']['large']}  |  {cost}  |  "
+              f"{run['seconds']:.1f} s", file=display.stream, flush=True)
         if args.json:
             print(json.dumps(run, ensure_ascii=False), flush=True)
         return run

