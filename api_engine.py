@@ -362,49 +362,49 @@ class ApiModel:
         return run_concurrently(lambda it: self._continue_one(it, max_new_tokens), items,
                                 self.concurrency, on_done)
 
-    def drafter(self, question: str, max_new_tokens: int) -> "ApiDrafter":
-        return ApiDrafter(self, question, max_new_tokens)
+    def drafter(self, question: str, max_new_tokens: int, prefix: str = "") -> "ApiDrafter":
+        return ApiDrafter(self, question, max_new_tokens, prefix)
+
+    def count_tokens(self, text: str) -> int | None:
+        """Tokens of `text` by the server's tokenizer (None where it has no /tokenize)."""
+        if self._template_via is None:
+            return None
+        return len(self._post("/tokenize", {"model": self.name, "prompt": text, "content": text,
+                                            "add_special": False, "add_special_tokens": False},
+                              root=True)["tokens"])
 
 
 class ApiDrafter:
     """Step-by-step drafting through the server (route.py): one streamed greedy completion
-    read a step at a time, with one token of lookahead so that `ended` is known right after
-    a step (as the local StepDrafter does). Closing it stops the server's generation, so an
-    escalation wastes at most that one token."""
+    of the templated prompt (plus `prefix`), read a step at a time with one token of
+    lookahead, so that `ended` is known right after a step (as the local StepDrafter does).
+    Closing it stops the server's generation: an escalation wastes at most that one token.
+    A server without raw completions is asked for the whole solution at once instead."""
 
-    def __init__(self, model: ApiModel, question: str, max_new_tokens: int):
-        self.model, self.prompt_tokens = model, None
+    def __init__(self, model: ApiModel, question: str, max_new_tokens: int, prefix: str = ""):
+        self.model, self._response = model, None
         if model._template_via:
-            path = "/completions"
-            body = {**model._greedy(), "prompt": model._template(messages_for(question)),
-                    "logprobs": model.top_logprobs}
+            prompt = model._template(messages_for(question)) + prefix
+            self.prompt_tokens = model.count_tokens(prompt)
+            body = {**model._greedy(), "prompt": prompt, "logprobs": model.top_logprobs,
+                    "max_tokens": max_new_tokens, "stream": True}
+            self._response = model._call("POST", model.base_url + "/completions", body, stream=True)
+            self._events = self._streamed()
         else:
-            path = "/chat/completions"
-            body = {**model._greedy(), "messages": messages_for(question), "logprobs": True,
-                    "top_logprobs": model.top_logprobs}
-        body.update(max_tokens=max_new_tokens, stream=True,
-                    stream_options={"include_usage": True})
-        self._response = model._call("POST", model.base_url + path, body, stream=True)
-        self._events = self._tokens()
+            self.prompt_tokens, entries, _ = model._solve_one(question, max_new_tokens, prefix)
+            self._events = iter(entries)
         self._next = next(self._events, None)
-        self.finished = False
 
-    def _tokens(self):
+    def _streamed(self):
         for line in self._response.iter_lines():
             if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
                 return
-            chunk = json.loads(data)
-            if chunk.get("usage"):
-                self.prompt_tokens = chunk["usage"].get("prompt_tokens", self.prompt_tokens)
-            for choice in chunk.get("choices") or []:
-                lp = choice.get("logprobs")
-                if lp:
-                    yield from token_entries(lp)
-                if choice.get("finish_reason"):
-                    self.finished = choice["finish_reason"] == "stop"
+            for choice in json.loads(data).get("choices") or []:
+                if choice.get("logprobs"):
+                    yield from token_entries(choice["logprobs"])
 
     @property
     def ended(self) -> bool:
@@ -423,7 +423,8 @@ class ApiDrafter:
         return _one_step(entries) if entries else None
 
     def close(self) -> None:
-        self._response.close()
+        if self._response is not None:
+            self._response.close()
 
 
 def _one_step(entries: list) -> dict:

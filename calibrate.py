@@ -1,4 +1,4 @@
-"""Stage 3 of stepwise model routing: calibrate the deployed threshold kappa (DESIGN.md section 1).
+"""Stage 3 of stepwise model routing: calibrate the deployed threshold kappa (docs/DESIGN.md section 1).
 
 The trained policy is deployed as a threshold rule: escalate at the FIRST step t whose
 p(escalate | s_t) >= kappa. On held-out calibration questions (a table from rollout.py),

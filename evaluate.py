@@ -1,4 +1,4 @@
-"""Stage 4 of stepwise model routing: score every router exactly on a test table (DESIGN.md 5, 6).
+"""Stage 4 of stepwise model routing: score every router exactly on a test table (docs/DESIGN.md 5, 6).
 
 Every router here is a one-way escalation rule, so each is scored exactly on the table from
 rollout.py, with no LLM call:

@@ -1,4 +1,4 @@
-"""Stage 1 of stepwise model routing: record exact step trajectories (DESIGN.md sections 1-3).
+"""Stage 1 of stepwise model routing: record exact step trajectories (docs/DESIGN.md sections 1-3).
 
 For every question the small model writes its whole greedy solution once; the solution is
 split into steps at token boundaries (a step ends with the token that completes a blank
@@ -22,7 +22,7 @@ launch one process per GPU (each takes every n-th question; the parts are merged
     accelerate launch --multi_gpu --num_processes 8 rollout.py --dataset gsm8k \\
         --split train --batch-size auto --compile --out results/gsm8k/train.jsonl
 
-The output is schema-1 JSONL (DESIGN.md section 3), one question per line, each line
+The output is schema-1 JSONL (docs/DESIGN.md section 3), one question per line, each line
 written whole and flushed. Running again with the same --out skips the ids already there,
 so an interrupted run resumes without losing or duplicating anything.
 """
@@ -452,8 +452,12 @@ class LM:
                             on_done=on_done and (lambda i, g: on_done(i, cont(i, g))))
         return [cont(i, g) for i, g in enumerate(gens)]
 
-    def drafter(self, question: str, max_new_tokens: int) -> "StepDrafter":
-        return StepDrafter(self, encode_prompt(self.tokenizer, question), max_new_tokens)
+    def drafter(self, question: str, max_new_tokens: int, prefix: str = "") -> "StepDrafter":
+        """Step-by-step greedy decoding after the question and already written text."""
+        return StepDrafter(self, encode_prompt(self.tokenizer, question, prefix), max_new_tokens)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass
@@ -631,7 +635,7 @@ def decode_more(tokenizer, ids: list, before: str, new: list) -> tuple:
 
 
 def make_step(text: str, logprobs: list, entropies: list) -> dict:
-    """A step with the token statistics of DESIGN.md section 3."""
+    """A step with the token statistics of docs/DESIGN.md section 3."""
     return {"text": text, "tokens": len(logprobs),
             "mean_logprob": sum(logprobs) / len(logprobs), "min_logprob": min(logprobs),
             "mean_entropy": sum(entropies) / len(entropies), "max_entropy": max(entropies)}
@@ -1057,7 +1061,7 @@ class StepDrafter:
 
     def __init__(self, lm: LM, prompt_ids: list, max_new_tokens: int):
         from transformers import DynamicCache
-        self.lm, self.budget = lm, max_new_tokens
+        self.lm, self.budget, self.prompt_tokens = lm, max_new_tokens, len(prompt_ids)
         self.cache = DynamicCache(config=lm.model.config)
         self.seen = 0  # tokens in the cache
         self.generated = 0
@@ -1120,7 +1124,7 @@ def pool_record(small, large) -> dict:
 
 
 def build_records(small, large, questions: list, max_new_tokens: int, write) -> None:
-    """Schema-1 records for a list of questions (DESIGN.md section 3), each handed to
+    """Schema-1 records for a list of questions (docs/DESIGN.md section 3), each handed to
     write(record) as soon as its last continuation is done. `small` and `large` are any
     two models of the generation interface (LM here, api_engine.ApiModel)."""
     drafts = small.solve([q["question"] for q in questions], max_new_tokens)

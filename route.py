@@ -34,32 +34,59 @@ import sys
 import time
 from pathlib import Path
 
-from rollout import (DEFAULT_LARGE, DEFAULT_SMALL, LM, StepDrafter, UsageError, encode_prompt,
-                     extract_answer, load_lm, make_parser, run_cli)
+from rollout import (DEFAULT_LARGE, DEFAULT_SMALL, UsageError, add_api_args, extract_answer,
+                     load_lm, load_model, make_parser, run_cli)
 
 GET_ONE = "train one with train_policy.py and calibrate.py, or run `make demo` to rebuild " \
           "results/svamp/policy.pt and results/svamp/calibration.json"
 
 
 class LazyLM:
-    """A model of the pool that is loaded on first use, so that a one-shot question that never
-    escalates does not pay for loading the large model. `params` (from the policy's pool)
-    prices a run without loading it."""
+    """A model of the pool that is loaded (or whose server is reached) on first use, so that a
+    one-shot question that never escalates does not pay for loading the large model.
+    `params` (from the policy's pool) prices a run without loading it."""
 
-    def __init__(self, name: str, device: str, dtype: str, params: int | None = None,
-                 say=lambda msg: None):
-        self.name, self.device, self.dtype, self.params = name, device, dtype, params
+    def __init__(self, name: str, load, params: int | None = None, say=lambda msg: None):
+        self.name, self.load, self.params = name, load, params
         self.say, self.lm, self.load_seconds = say, None, 0.0
 
-    def get(self) -> LM:
+    def get(self):
         if self.lm is None:
             t = time.perf_counter()
             self.say(f"loading {self.name} ...")
-            self.lm = load_lm(self.name, self.device, self.dtype)
-            self.params = self.lm.params
+            self.lm = self.load()
+            self.params = self.lm.params or self.params
             self.load_seconds = time.perf_counter() - t
             self.say(f"loaded {self.name} in {self.load_seconds:.1f} s")
         return self.lm
+
+
+SERVERS = []  # llama.cpp servers this process started (they stop when it exits)
+
+
+def served_model(name: str, url: str, args, say):
+    """The model behind an OpenAI-compatible server. A policy trained on the offline pool
+    served by serve_gguf.py names a loopback URL: where nothing answers there and the model's
+    .gguf is in fetch_models.py's cache, the same llama.cpp server is started in this process."""
+    from urllib.parse import urlparse
+    import requests
+    where = urlparse(url)
+    if where.hostname in ("127.0.0.1", "localhost"):
+        try:
+            requests.get(url.rstrip("/") + "/models", timeout=5)
+        except requests.ConnectionError:
+            from fetch_models import REGISTRY, default_cache
+            gguf = default_cache() / f"{name}.gguf"
+            if name not in REGISTRY or not gguf.is_file():
+                raise UsageError(f"nothing answers at {url} for model {name}: start its server "
+                                 "(python serve_gguf.py MODEL.gguf --name NAME --port PORT)"
+                                 + (f", or run `python fetch_models.py --gguf-only {name}` so "
+                                    "that route.py can start it" if name in REGISTRY else ""))
+            from serve_gguf import start_server
+            say(f"starting llama.cpp's server for {gguf.name} on port {where.port}")
+            SERVERS.append(start_server(str(gguf), name, where.port, threads=os.cpu_count() or 1,
+                                        parallel=1, ctx_per_slot=4096))
+    return load_model(name, url, args)
 
 
 class Display:
@@ -116,13 +143,11 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
         display.note("large model only" + (" (the calibration's fallback: no threshold met "
                                             "its target)" if escalate_at is None else ""))
     else:
-        small_lm = need(small)
-        prompt = encode_prompt(small_lm.tokenizer, question)
-        drafter = StepDrafter(small_lm, prompt, max_new_tokens)
+        drafter = need(small).drafter(question, max_new_tokens)
         while (draft := drafter.next_step()) is not None:
             t = len(accepted) + 1
             small_tokens += draft["tokens"]
-            feats = state_features(len(prompt), accepted + [draft], drafter.ended)
+            feats = state_features(drafter.prompt_tokens, accepted + [draft], drafter.ended)
             with torch.no_grad():
                 p = float(policy(torch.tensor([feats], dtype=torch.float32))[0]) \
                     if policy is not None else None
@@ -135,17 +160,17 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
                 escalated_at = t
                 break
             accepted.append(draft)
+        if hasattr(drafter, "close"):
+            drafter.close()  # a server stops drafting
     solution = "".join(s["text"] for s in accepted)
     large_tokens = 0
     if escalated_at is not None:
-        large_lm = need(large)
-        cont = StepDrafter(large_lm, encode_prompt(large_lm.tokenizer, question, solution),
-                           max_new_tokens)
+        cont = need(large).drafter(question, max_new_tokens, prefix=solution)
         while (step := cont.next_step()) is not None:
             large_tokens += step["tokens"]
             steps.append({"text": step["text"], "model": "large", "accepted": True})
             display.step(len(steps) - (escalated_at > 0), "large", step["text"])
-        solution += cont.solution_text
+            solution += step["text"]
     loads = sum(m.load_seconds for m in (small, large) if isinstance(m, LazyLM)) - loads_before
     seconds = time.perf_counter() - start - loads
     # Cost in FLOPs (2 * params per generated token), relative to the large model alone.
@@ -157,7 +182,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     else:
         counter = large.lm if isinstance(large, LazyLM) else large
         counter = counter if counter is not None else need(small)
-        large_alone = len(counter.tokenizer(solution, add_special_tokens=False)["input_ids"])
+        large_alone = counter.count_tokens(solution) or len(solution) // 4
     relative_cost = None
     if large_params:
         cost = 2 * small_params * small_tokens + 2 * large_params * large_tokens
@@ -203,6 +228,8 @@ def build_parser():
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 where the hardware computes in it, else float32), "
                         "bfloat16, float16 or float32 (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed sent to servers (default 0)")
+    add_api_args(p)
     return p
 
 
@@ -275,13 +302,24 @@ def main(argv=None) -> int:
 
     models = {}
     for role, default in (("small", DEFAULT_SMALL), ("large", DEFAULT_LARGE)):
-        name, source, params = pool_model(getattr(args, role), pool, role, default)
+        recorded, api = pool.get(role, {}), getattr(args, f"{role}_api")
+        if api is None and not getattr(args, role) and recorded.get("backend") == "api":
+            api = recorded.get("base_url")  # the policy's tables came from a server: that one
+        if api is not None:  # a served model (api_engine.py), reached on first use
+            name = getattr(args, role) or recorded.get("model") or default
+            params = recorded.get("params") if recorded.get("model") == name else None
+            load = (lambda n, u: lambda: served_model(n, u, args, display.note))(name, api)
+            source = f"served at {api}"
+        else:
+            name, source, params = pool_model(getattr(args, role), pool, role, default)
+            if role == "large" or not large_only:
+                load_lm(name, check_only=True)  # a mistyped name fails now, not after drafting
+            load = (lambda n: lambda: load_lm(n, args.device, args.dtype))(name)
         if role == "large" or not large_only:
-            load_lm(name, check_only=True)  # a mistyped name fails now, not after drafting
             display.note(f"{role} model: {name} ({source})")
-        models[role] = LazyLM(name, args.device, args.dtype, params, display.note)
+        models[role] = LazyLM(name, load, params, display.note)
     small, large = models["small"], models["large"]
-    if large.name == small.name:
+    if (large.name, args.large_api) == (small.name, args.small_api):
         large = small
     if args.interactive:  # a prompt loop: load what every question may need, once
         if not large_only:

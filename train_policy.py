@@ -1,4 +1,4 @@
-"""Stage 2 of stepwise model routing: train the escalation policy on the table (DESIGN.md 1, 2, 4).
+"""Stage 2 of stepwise model routing: train the escalation policy on the table (docs/DESIGN.md 1, 2, 4).
 
 The table written by rollout.py is an exact simulator: for every question it holds the
 small model's solution step by step and the large model's continuation after every prefix.

@@ -332,3 +332,33 @@ def test_the_key_is_sent_but_never_written(server, questions, tmp_path):
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "MY_KEY": env_key})
     assert r.returncode == 0, r.stderr
     assert env_key not in out.read_text() and env_key not in r.stderr + r.stdout
+
+
+# ---------------------------------------------------------------------------- route.py
+def test_route_through_the_server_reproduces_the_table(server, questions, tmp_path):
+    """route.py --escalate-at K, drafting step by step through the server (streamed), gives
+    the table's run for K = 0 (large alone), a step in the middle, and never."""
+    out = tmp_path / "t.jsonl"
+    assert run(rollout_cmd(questions, out, server.url, server.url, "--limit", "2")).returncode == 0
+    checked = 0
+    for rec in rollout.read_table(out):
+        steps = rec["small"]["steps"]
+        for k in sorted({0, len(steps) // 2 + 1, len(steps) + 1}):
+            r = run([sys.executable, str(ROOT / "route.py"), "--small", NAME, "--small-api", server.url,
+                     "--large", NAME, "--large-api", server.url, "--max-new-tokens", "48",
+                     "--escalate-at", str(k), "--json", rec["question"]])
+            assert r.returncode == 0, r.stderr
+            got = json.loads(r.stdout.strip().splitlines()[-1])
+            if k > len(steps):  # never escalates: the small solution
+                assert got["escalated_at"] is None and got["tokens"]["large"] == 0
+                assert got["solution"] == "".join(s["text"] for s in steps)
+                assert got["tokens"]["small"] == sum(s["tokens"] for s in steps)
+            else:
+                esc = rec["escalations"][max(k - 1, 0)]
+                assert got["escalated_at"] == k
+                assert got["solution"] == "".join(s["text"] for s in steps[:max(k - 1, 0)]) + esc["text"]
+                assert got["tokens"]["large"] == esc["tokens"]
+                assert got["tokens"]["small"] == sum(s["tokens"] for s in steps[:k])
+                assert got["answer"] == esc["answer"]
+            checked += 1
+    assert checked >= 4

@@ -133,7 +133,9 @@ def test_two_processes_merge_into_one_table(tiny_pool, tiny_table, tmp_path):
     r = run([sys.executable, "-m", "torch.distributed.run", "--standalone",
              "--nproc_per_node", "2", "rollout.py", *table_args(tiny_pool, tiny_table, out)])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert same(records(out), records(tiny_table["out"]))  # in question order
+    assert same(records(out, key=True), records(tiny_table["out"], key=True))
+    ids = [r["id"] for r in records(out)]  # merged in question order
+    assert ids == sorted(ids, key=lambda q: int(q.rsplit("/", 1)[1]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]  # parts merged away
 
 
