@@ -170,7 +170,9 @@ def assert_same_table(got: list, want: list, tol: float = 1e-4) -> None:
 
 def test_resume_after_interrupted_run(tiny_pool, tiny_table, tmp_path):
     out = tmp_path / "t.jsonl"
-    full = tiny_table["out"].read_text().splitlines(keepends=True)
+    first6 = {f"q/test/{i}" for i in range(6)}  # --limit 6: the first six questions
+    full = [x for x in tiny_table["out"].read_text().splitlines(keepends=True)
+            if json.loads(x)["id"] in first6]  # lines are written as questions finish
     out.write_text("".join(full[:3]) + full[3][: len(full[3]) // 2])  # torn 4th line
     rollout.main(["--dataset", str(tiny_table["data"]), "--small", str(tiny_pool["small"]),
                   "--large", str(tiny_pool["large"]), "--out", str(out), "--dtype", "float32",
@@ -179,7 +181,7 @@ def test_resume_after_interrupted_run(tiny_pool, tiny_table, tmp_path):
     assert lines[:3] == full[:3]  # kept as they were
     # the same table: ids, texts, token counts, answers exactly; statistics up to float noise
     # (a resumed run batches other questions together)
-    assert_same_table([json.loads(x) for x in lines], [json.loads(x) for x in full[:6]])
+    assert_same_table([json.loads(x) for x in lines], [json.loads(x) for x in full])
     # a finished table is left alone
     rollout.main(["--dataset", str(tiny_table["data"]), "--small", str(tiny_pool["small"]),
                   "--large", str(tiny_pool["large"]), "--out", str(out), "--dtype", "float32",
@@ -237,3 +239,44 @@ def test_auto_dtype_is_float32_on_cpus_without_native_bf16(monkeypatch):
     assert rollout.resolve_dtype("auto", "cpu") is torch.bfloat16
     with pytest.raises(UsageError, match="--dtype"):
         rollout.resolve_dtype("float8", "cpu")
+
+
+def test_resume_with_other_settings_is_refused(tiny_pool, tiny_table, tmp_path):
+    """A table continues only with the settings that made it (issue: a rerun with another
+    --max-new-tokens or --dtype silently appended)."""
+    out = tmp_path / "t.jsonl"
+    out.write_text(tiny_table["out"].read_text().splitlines(keepends=True)[0])
+    assert json.loads(out.read_text())["settings"]["max_new_tokens"] == 96
+    before = out.read_text()
+    for flag, value, what in (("--max-new-tokens", "64", "max_new_tokens 96 there, 64 now"),
+                              ("--dtype", "bfloat16", "dtype ['float32'] there, ['bfloat16'] now")):
+        args = {"--max-new-tokens": "96", "--dtype": "float32", flag: value}
+        r = run_rollout("--dataset", str(tiny_table["data"]), "--small", str(tiny_pool["small"]),
+                        "--large", str(tiny_pool["large"]), "--out", str(out),
+                        *[x for kv in args.items() for x in kv])
+        assert r.returncode == 2 and "other settings" in r.stderr and what in r.stderr, r.stderr
+        assert out.read_text() == before
+
+
+def test_sigkill_after_the_first_question_keeps_its_line(tiny_pool, tiny_table, tmp_path):
+    """Each question's line is on disk as soon as its continuations are done, not when the
+    round ends: a SIGKILL after the first one leaves it whole."""
+    import signal
+    import time
+    out = tmp_path / "t.jsonl"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "rollout.py"), "--dataset", str(tiny_table["data"]),
+                             "--small", str(tiny_pool["small"]), "--large", str(tiny_pool["large"]),
+                             "--out", str(out), "--dtype", "float32", "--max-new-tokens", "96",
+                             "--batch-size", "2", "--chunk-size", "8"],
+                            stderr=subprocess.DEVNULL, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out.exists() and out.read_bytes().count(b"\n") >= 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = read_table(out)  # whole, valid lines only
+    assert 1 <= len(kept) < 8  # written within the round of 8 questions, before it ended
+    by_id = {r["id"]: r for r in tiny_table["records"]}
+    for rec in kept:
+        assert [(e["text"], e["tokens"]) for e in rec["escalations"]] == \
+            [(e["text"], e["tokens"]) for e in by_id[rec["id"]]["escalations"]]
