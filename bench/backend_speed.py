@@ -44,18 +44,18 @@ def run_local(args, out: Path) -> float:
     return time.perf_counter() - t
 
 
-def run_llama(args, setting: str, out: Path) -> float:
+def run_llama(args, setting: str, out: Path, port: int) -> float:
     from serve_gguf import start_server
     threads, slots = setting.split("x")
     cache = default_cache()
-    servers = [start_server(str(cache / f"{name}.gguf"), name, args.port + i, int(threads), int(slots),
+    servers = [start_server(str(cache / f"{name}.gguf"), name, port + i, int(threads), int(slots),
                             ctx_per_slot=2048)
                for i, name in enumerate(("qwen-coder-0.5b", "qwen-coder-1.5b"))]
     try:
         t = time.perf_counter()
         rollout.main(["--dataset", args.dataset, "--offset", str(args.offset), "--limit", str(args.questions),
-                      "--small", "qwen-coder-0.5b", "--small-api", f"http://127.0.0.1:{args.port}/v1",
-                      "--large", "qwen-coder-1.5b", "--large-api", f"http://127.0.0.1:{args.port + 1}/v1",
+                      "--small", "qwen-coder-0.5b", "--small-api", f"http://127.0.0.1:{port}/v1",
+                      "--large", "qwen-coder-1.5b", "--large-api", f"http://127.0.0.1:{port + 1}/v1",
                       "--max-new-tokens", str(args.max_new_tokens), "--concurrency", str(2 * int(slots)),
                       "--out", str(out)])
         return time.perf_counter() - t
@@ -80,10 +80,10 @@ def main() -> None:
     rows = []
     runs = ([] if args.only == "llama" else [("local engine", None)]) + \
         ([] if args.only == "local" else [(f"llama.cpp {s}", s) for s in args.settings])
-    for label, setting in runs:
+    for i, (label, setting) in enumerate(runs):
         out = args.work / f"{label.replace(' ', '_')}.jsonl"
         out.unlink(missing_ok=True)
-        secs = run_local(args, out) if setting is None else run_llama(args, setting, out)
+        secs = run_local(args, out) if setting is None else run_llama(args, setting, out, args.port + 2 * i)
         n, small, large = table_tokens(out)
         rows.append((label, n, small, large, secs))
         print(f"{label}: {n} questions, {small} + {large} tokens in {secs:.0f} s "
