@@ -66,11 +66,12 @@ from pathlib import Path
 
 import torch
 
-from calibrate import (aggregate, calibrate_scores, choose_threshold, chosen_point, first_crossing,
-                       format_kappa, load_calibration, route_outcomes, sha256, target_of, warn_pool)
-from rollout import UsageError, check_range, make_parser, run_cli
-from train_policy import (FEATURE_NAMES, Table, add_pricing_args, check_overlap, escalation_distribution,
-                          load_policy, load_table, plural, policy_probs)
+from calibrate import (calibrate_scores, choose_threshold, chosen_point, format_kappa, load_calibration,
+                       sha256, warn_pool)
+from cli import UsageError, check_range, make_parser, plural, run_cli
+from table import (Table, add_pricing_args, aggregate, check_overlap, first_crossing, outcome_columns,
+                   route_outcomes, target_of)
+from train_policy import FEATURE_NAMES, escalation_distribution, load_policy, load_table, policy_probs
 
 # method -> (feature, sign): escalate at the first step with sign * stat >= sign * tau
 HANDCRAFTED = {"mean_logprob": ("draft_mean_logprob", -1), "min_logprob": ("draft_min_logprob", -1),
@@ -97,20 +98,16 @@ def random_outcomes(table: Table, ps) -> dict:
     """Exact expected outcomes of escalating at each step with probability p, [K,Q]."""
     p = torch.tensor(ps, dtype=torch.float64)[:, None, None].expand(-1, table.Q, table.T)
     p_esc, p_never = escalation_distribution(p, table.mask)
-    never = {"correct": table.small_correct, "cost": table.small_cost,
-             "small_tokens": table.small_tokens, "large_tokens": torch.zeros_like(table.small_tokens)}
-    esc = {"correct": table.esc_correct, "cost": table.esc_cost,
-           "small_tokens": table.esc_small_tokens, "large_tokens": table.esc_large_tokens}
-    return {k: (p_esc * esc[k]).sum(-1) + p_never * never[k] for k in esc}
+    cols = outcome_columns(table)
+    return {k: (p_esc * v[:, :table.T]).sum(-1) + p_never * v[:, table.T] for k, v in cols.items()}
 
 
 def oracle_route(table: Table) -> torch.Tensor:
     """[1,Q]: the cheapest correct outcome (escalate at t, never = T, large alone = T+1);
     never where none is correct."""
-    correct = torch.cat([table.esc_correct, table.small_correct[:, None], table.large_correct[:, None]], 1)
-    cost = torch.cat([table.esc_cost, table.small_cost[:, None], table.large_cost[:, None]], 1)
+    cols = outcome_columns(table)
     valid = torch.cat([table.mask, torch.ones(table.Q, 2, dtype=torch.bool)], 1)
-    cost = torch.where(valid & (correct > 0), cost, math.inf)
+    cost = torch.where(valid & (cols["correct"] > 0), cols["cost"], math.inf)
     best = cost.argmin(1)
     return torch.where(torch.isinf(cost.min(1).values), table.T, best)[None]
 
@@ -454,6 +451,7 @@ def main(argv=None):
         print(f"warning: {args.calibration} was calibrated with pricing {cal['pricing']}, "
               f"evaluating with {asdict(table.pricing)}", file=sys.stderr)
 
+    # ALGO LOGIC: every router's exact outcomes on the test table; the rest is metrics and reports
     methods = score_methods(table, policy, cal["kappa"] if cal else None)
     large_acc = table.large_correct.mean().item()
     small_rc = table.relative_cost(table.small_cost).item()

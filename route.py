@@ -34,8 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from rollout import (DEFAULT_LARGE, DEFAULT_SMALL, UsageError, add_api_args, extract_answer,
-                     load_lm, load_model, make_parser, run_cli)
+from cli import UsageError, add_api_args, make_parser, run_cli
+from engine import load_lm
+from rollout import DEFAULT_LARGE, DEFAULT_SMALL, extract_answer, load_model
 
 GET_ONE = "train one with train_policy.py and calibrate.py, or run `make demo` to rebuild " \
           "results/svamp/policy.pt and results/svamp/calibration.json"
@@ -143,6 +144,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
         display.note("large model only" + (" (the calibration's fallback: no threshold met "
                                             "its target)" if escalate_at is None else ""))
     else:
+        # ALGO LOGIC: draft a step, score its state, escalate at the first p >= kappa
         drafter = need(small).drafter(question, max_new_tokens)
         while (draft := drafter.next_step()) is not None:
             t = len(accepted) + 1
@@ -165,6 +167,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     solution = "".join(s["text"] for s in accepted)
     large_tokens = 0
     if escalated_at is not None:
+        # ALGO LOGIC: the large model continues after the accepted steps
         cont = need(large).drafter(question, max_new_tokens, prefix=solution)
         while (step := cont.next_step()) is not None:
             large_tokens += step["tokens"]
@@ -314,7 +317,7 @@ def main(argv=None) -> int:
             name, source, params = pool_model(getattr(args, role), pool, role, default)
             if role == "large" or not large_only:
                 load_lm(name, check_only=True)  # a mistyped name fails now, not after drafting
-            load = (lambda n: lambda: load_lm(n, args.device, args.dtype))(name)
+            load = (lambda n: lambda: load_model(n, None, args, args.device))(name)
         if role == "large" or not large_only:
             display.note(f"{role} model: {name} ({source})")
         models[role] = LazyLM(name, load, params, display.note)
