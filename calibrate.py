@@ -1,5 +1,10 @@
 """Stage 3 of stepwise model routing: calibrate the deployed threshold kappa (docs/DESIGN.md section 1).
 
+Run it:
+
+    python calibrate.py --policy results/gsm8k/policy.pt --data results/gsm8k/calib.jsonl \\
+        --target-relative 0.98 [--delta 0.1] --out results/gsm8k/calibration.json
+
 The trained policy is deployed as a threshold rule: escalate at the FIRST step t whose
 p(escalate | s_t) >= kappa. On held-out calibration questions (a table from rollout.py),
 every kappa is scored exactly, and we take the cheapest kappa whose accuracy meets the
@@ -28,11 +33,6 @@ The same rule (`calibrate_scores()` / `choose_threshold()`) calibrates every han
 router in evaluate.py --calib-data, so that the policy is compared with deployable baselines.
 calibration.json records hashes of its questions; the table may not share questions with
 the policy's training table (`--allow-overlap` to go on anyway).
-
-Run it:
-
-    python calibrate.py --policy results/gsm8k/policy.pt --data results/gsm8k/calib.jsonl \\
-        --target-relative 0.98 [--delta 0.1] --out results/gsm8k/calibration.json
 
 table.py's `first_crossing()`, `route_outcomes()` and `sweep()` score any first-crossing router
 exactly on a table; evaluate.py uses them for the handcrafted confidence routers too.

@@ -654,6 +654,28 @@ def engine_for(lm: LM, slots: int, length: int, graphs: bool) -> SlotEngine:
     return lm.engine
 
 
+def size_engines(small, large, longest_prompt: int, max_new_tokens: int, batch,
+                 graphs: bool, allocate: bool = True):
+    """Allocate the local models' engines once for a whole table build: one cache length per
+    model (the longest prompt it can meet plus its tokens), so that CUDA graphs are captured
+    once per bucket; `batch` 'auto' becomes as many slots as free GPU memory holds. Returns
+    the batch size ('auto' unchanged where neither model is local)."""
+    local_models = [m for m in {id(small): small, id(large): large}.values() if isinstance(m, LM)]
+    if not local_models:
+        return batch
+    need = {id(small): longest_prompt + max_new_tokens}
+    need[id(large)] = longest_prompt + 2 * max_new_tokens + 64  # + re-encoding slack
+    lengths = [(m, need[id(m)]) for m in local_models]  # one model in both roles: the longer
+    if batch == "auto":
+        batch = auto_batch_size(lengths, local_models[0].device)
+        print(f"--batch-size auto: {batch} sequences", file=sys.stderr)
+    if allocate:
+        for lm, length in lengths:
+            lm.batch_size = batch
+            engine_for(lm, batch, length, graphs)
+    return batch
+
+
 def generate_all(lm: LM, prompts: list, max_new_tokens: int, batch_size: int,
                  stats: bool = False, compile: bool = False, share_prefixes: bool = True,
                  on_done=None) -> list:

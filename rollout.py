@@ -1,13 +1,5 @@
 """Stage 1 of stepwise model routing: record exact step trajectories (docs/DESIGN.md sections 1-3).
 
-For every question the small model writes its whole greedy solution once; the solution is
-split into steps at token boundaries (a step ends with the token that completes a blank
-line, "\\n\\n"), and every step keeps the small model's token statistics (mean / min
-log-probability of the chosen tokens, mean / max entropy of the next-token distribution).
-Then the large model continues greedily after every prefix of k accepted small steps,
-k = 0..n-1. Because decoding is greedy, this table fixes the outcome of every one-way
-escalation router on the question, so training, calibration and evaluation need no LLM call.
-
 Run it (the paper's pool; any hub id, local folder or .gguf file works for --small/--large):
 
     python rollout.py --dataset gsm8k --split test --limit 200 \\
@@ -21,6 +13,14 @@ launch one process per GPU (each takes every n-th question; the parts are merged
         --out results/gsm8k/train.jsonl
     accelerate launch --multi_gpu --num_processes 8 rollout.py --dataset gsm8k \\
         --split train --batch-size auto --compile --out results/gsm8k/train.jsonl
+
+For every question the small model writes its whole greedy solution once; the solution is
+split into steps at token boundaries (a step ends with the token that completes a blank
+line, "\\n\\n"), and every step keeps the small model's token statistics (mean / min
+log-probability of the chosen tokens, mean / max entropy of the next-token distribution).
+Then the large model continues greedily after every prefix of k accepted small steps,
+k = 0..n-1. Because decoding is greedy, this table fixes the outcome of every one-way
+escalation router on the question, so training, calibration and evaluation need no LLM call.
 
 The output is schema-1 JSONL (docs/DESIGN.md section 3), one question per line, each line
 written whole and flushed. Running again with the same --out skips the ids already there,
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli import ArgumentParser, Progress, UsageError, add_api_args, hub_online, run_cli
-from engine import (LM, Continuation, auto_batch_size, engine_for, finish_shard, load_lm,
-                    merge_parts, part_files, part_path, resolve_device, shard_of_env)
+from engine import (LM, Continuation, finish_shard, load_lm, merge_parts, part_files, part_path,
+                    resolve_device, shard_of_env, size_engines)
 from table import SCHEMA, append_record, check_resumable
 
 DEFAULT_SMALL = "Qwen/Qwen2.5-Math-1.5B-Instruct"
@@ -458,24 +458,13 @@ def main(argv=None) -> int:
         print(f"resuming {out}: {len(set(order) & done)} of {len(questions)} questions "
               "already there", file=sys.stderr)
 
-    # one cache length per local model for the whole run (the longest prompt it can meet),
-    # so the engines are allocated once and CUDA graphs are captured once per bucket
-    local_models = [m for m in {id(small): small, id(large): large}.values() if isinstance(m, LM)]
-    batch = args.batch_size
-    if local_models:
-        tok = local_models[0].tokenizer
-        longest = max((len(encode_prompt(tok, q["question"])) for q in todo), default=1)
-        need = {id(small): longest + args.max_new_tokens}
-        need[id(large)] = longest + 2 * args.max_new_tokens + 64  # + re-encoding slack
-        lengths = [(m, need[id(m)]) for m in local_models]  # one model in both roles: the longer
-        if batch == "auto":
-            batch = auto_batch_size(lengths, local_models[0].device)
-            print(f"--batch-size auto: {batch} sequences", file=sys.stderr)
-        if todo:
-            for lm, length in lengths:
-                lm.batch_size = batch
-                engine_for(lm, batch, length, args.compile)
-    elif batch == "auto":
+    # the engines, sized once for the whole run (the longest prompt they can meet)
+    local = [m for m in (small, large) if isinstance(m, LM)]
+    longest = max((len(encode_prompt(local[0].tokenizer, q["question"])) for q in todo),
+                  default=1) if local else 1
+    batch = size_engines(small, large, longest, args.max_new_tokens, args.batch_size,
+                         args.compile, allocate=bool(todo))
+    if batch == "auto":  # no local model: as many questions as requests in flight
         batch = args.concurrency
     chunk = max(64, batch) if args.chunk_size == "auto" else args.chunk_size
 

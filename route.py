@@ -1,14 +1,5 @@
 """Stage 5 of stepwise model routing: route one question live, step by step (docs/DESIGN.md 1).
 
-The small model drafts one step at a time (its KV cache carries over, nothing is encoded
-twice). After each draft the state features (train_policy.state_features, the function
-the policy was trained on) go through the policy; at the first step with
-p(escalate) >= kappa (calibrate.py's threshold) the draft is dropped and the large model
-continues from the question plus the accepted steps, with the same prompt construction as
-rollout.py. With greedy decoding this is exactly the run that the trajectory table
-predicts for the same escalation step, which is what makes the table's numbers true of
-live routing (tests/test_route.py checks it).
-
 Run it right after `python fetch_models.py` (the committed SVAMP policy of the
 Qwen2.5-Coder 0.5B -> 1.5B pool; `make demo` rebuilds it):
 
@@ -17,6 +8,15 @@ Qwen2.5-Coder 0.5B -> 1.5B pool; `make demo` rebuilds it):
 
     python route.py --policy ... --calibration ... --interactive   # a prompt loop, both models loaded
     python route.py ... --json "question"        # one JSON object on the last line of stdout
+
+The small model drafts one step at a time (its KV cache carries over, nothing is encoded
+twice). After each draft the state features (train_policy.state_features, the function
+the policy was trained on) go through the policy; at the first step with
+p(escalate) >= kappa (calibrate.py's threshold) the draft is dropped and the large model
+continues from the question plus the accepted steps, with the same prompt construction as
+rollout.py. With greedy decoding this is exactly the run that the trajectory table
+predicts for the same escalation step, which is what makes the table's numbers true of
+live routing (tests/test_route.py checks it).
 
 --small/--large default to the pool recorded in the policy file (a folder of fetch_models.py
 that is not where the policy says is looked up in this machine's model cache). The calibration
