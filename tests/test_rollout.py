@@ -243,6 +243,13 @@ def test_bad_table_lines_are_named(tmp_path):
         read_table(t)
 
 
+def test_a_gzipped_table_reads_the_same(tiny_table, tmp_path):
+    import gzip
+    gz = tmp_path / "t.jsonl.gz"
+    gz.write_bytes(gzip.compress(tiny_table["out"].read_bytes()))
+    assert read_table(gz) == tiny_table["records"]
+
+
 def test_auto_dtype_is_float32_on_cpus_without_native_bf16(monkeypatch):
     import torch
     monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
