@@ -334,22 +334,31 @@ def pool_record(small, large) -> dict:
     return {"small": small.pool_entry(), "large": large.pool_entry()}
 
 
+def new_record(q: dict, pool: dict, prompt_tokens: int, steps: list, finished: bool) -> dict:
+    """A question's schema-1 line (docs/DESIGN.md section 3): the small model's solution,
+    graded; its escalations (one per step) are filled in as they are done."""
+    text = "".join(s["text"] for s in steps)
+    return {"schema": SCHEMA, "id": q["id"], "dataset": q["dataset"], "question": q["question"],
+            "gold": q["gold"], "pool": pool,
+            "small": {"prompt_tokens": prompt_tokens, "steps": steps, **grade(text, q["gold"], finished)},
+            "escalations": [None] * len(steps)}
+
+
+def escalation(k: int, prefix: str, c: Continuation, gold: str) -> dict:
+    """The large model's continuation after k accepted steps (text `prefix`), graded."""
+    return {"after": k, "prompt_tokens": c.prompt_tokens, "tokens": c.tokens, "text": c.text,
+            **grade(prefix + c.text, gold, c.finished)}
+
+
 def build_records(small, large, questions: list, max_new_tokens: int, write) -> None:
-    """Schema-1 records for a list of questions (docs/DESIGN.md section 3), each handed to
-    write(record) as soon as its last continuation is done. `small` and `large` are any
-    two models of the generation interface (LM here, api_engine.ApiModel)."""
+    """Schema-1 records for a list of questions, each handed to write(record) as soon as its
+    last continuation is done. `small` and `large` are any two models of the generation
+    interface (engine.LM, api_engine.ApiModel)."""
     # ALGO LOGIC: the small model's greedy solution of every question, cut into steps
     drafts = small.solve([q["question"] for q in questions], max_new_tokens)
     pool = pool_record(small, large)
-    records = []
-    for q, d in zip(questions, drafts):
-        text = "".join(s["text"] for s in d.steps)
-        records.append({
-            "schema": SCHEMA, "id": q["id"], "dataset": q["dataset"],
-            "question": q["question"], "gold": q["gold"], "pool": pool,
-            "small": {"prompt_tokens": d.prompt_tokens, "steps": d.steps,
-                      **grade(text, q["gold"], d.finished)},
-            "escalations": [None] * len(d.steps)})
+    records = [new_record(q, pool, d.prompt_tokens, d.steps, d.finished)
+               for q, d in zip(questions, drafts)]
     # ALGO LOGIC: the large model after k accepted steps, k = 0..n-1, for every question at once
     jobs = [(qi, k) for qi, d in enumerate(drafts) for k in range(len(d.steps))]
     prefixes = ["".join(s["text"] for s in drafts[qi].steps[:k]) for qi, k in jobs]
@@ -360,9 +369,7 @@ def build_records(small, large, questions: list, max_new_tokens: int, write) -> 
 
     def done(j: int, c: Continuation) -> None:
         qi, k = jobs[j]
-        records[qi]["escalations"][k] = {
-            "after": k, "prompt_tokens": c.prompt_tokens, "tokens": c.tokens, "text": c.text,
-            **grade(prefixes[j] + c.text, questions[qi]["gold"], c.finished)}
+        records[qi]["escalations"][k] = escalation(k, prefixes[j], c, questions[qi]["gold"])
         left[qi] -= 1
         if not left[qi]:
             write(records[qi])
@@ -390,22 +397,15 @@ def reference_records(small, large, questions: list, max_new_tokens: int) -> lis
     for q in questions:
         drafter = small.drafter(q["question"], max_new_tokens)
         steps, finished = run(drafter)
-        text = "".join(s["text"] for s in steps)
-        record = {"schema": SCHEMA, "id": q["id"], "dataset": q["dataset"],
-                  "question": q["question"], "gold": q["gold"], "pool": pool_record(small, large),
-                  "small": {"prompt_tokens": drafter.prompt_tokens, "steps": steps,
-                            **grade(text, q["gold"], finished)},
-                  "escalations": []}
+        rec = new_record(q, pool_record(small, large), drafter.prompt_tokens, steps, finished)
         for k in range(len(steps)):  # the large model after k accepted steps
             prefix = "".join(s["text"] for s in steps[:k])
             cont = large.drafter(q["question"], max_new_tokens, prefix=prefix)
             more, finished = run(cont)
-            text = "".join(s["text"] for s in more)
-            record["escalations"].append({
-                "after": k, "prompt_tokens": cont.prompt_tokens,
-                "tokens": sum(s["tokens"] for s in more), "text": text,
-                **grade(prefix + text, q["gold"], finished)})
-        records.append(record)
+            c = Continuation(cont.prompt_tokens, sum(s["tokens"] for s in more),
+                             "".join(s["text"] for s in more), finished)
+            rec["escalations"][k] = escalation(k, prefix, c, q["gold"])
+        records.append(rec)
     return records
 
 
