@@ -198,11 +198,12 @@ class ApiModel:
                               "/tokenize+/detokenize")
         self.continuation = continuation
 
-    # -- plumbing ---------------------------------------------------------------------
-    @property
     def messages_for(self, question: str) -> list:
+        """The chat messages that ask the question (the method's system prompt first)."""
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
 
+    # -- plumbing ---------------------------------------------------------------------
+    @property
     def _session(self):
         if not hasattr(self._local, "session"):
             self._local.session = self._requests.Session()
