@@ -45,7 +45,8 @@ import threading
 import time
 from urllib.parse import urlparse
 
-from rollout import STEP_END, SYSTEM_PROMPT, Continuation, Draft, UsageError, make_step
+from cli import UsageError
+from engine import Continuation, Draft, make_step
 
 CONTINUATIONS = ("auto", "completions", "prefill", "instruct")
 INSTRUCTION = ("Below is the beginning of a solution to this problem. Continue it from exactly "
@@ -56,10 +57,6 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 class ServerError(UsageError):
     """A server that cannot be used (unreachable, down, refusing): one line, exit 2."""
-
-
-def messages_for(question: str) -> list:
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,19 +96,13 @@ def bucket_entropy(top_logprobs: list) -> float:
     return h - rest * math.log(rest) if rest > 1e-12 else h
 
 
-def ends_step_text(prev: bytes | None, tok: bytes) -> bool:
-    """The step rule of rollout.py on token bytes: a token holding a blank line, or one that
-    starts with a newline after one that ended with a newline in the same step."""
-    nl, nn = b"\n", STEP_END.encode()
-    return nn in tok or (prev is not None and prev.endswith(nl) and tok.startswith(nl))
-
-
-def steps_from_entries(entries: list) -> list:
-    """Cut a solution, given as token entries, into steps with their statistics."""
+def steps_from_entries(entries: list, ends_step) -> list:
+    """Cut a solution, given as token entries, into steps with their statistics, by the
+    method's step rule `ends_step` (rollout.ends_step) applied to the tokens' bytes."""
     steps, start, prev = [], 0, None
     for i, (tok, _, _) in enumerate(entries):
         last = i == len(entries) - 1
-        if ends_step_text(prev, tok) or last:
+        if ends_step(prev, tok) or last:
             steps.append(_one_step(entries[start:i + 1]))
             start, prev = i + 1, None
         else:
@@ -168,7 +159,9 @@ class ApiModel:
     def __init__(self, name: str, base_url: str, api_key_env: str | None = None,
                  top_logprobs: int = 20, continuation: str = "auto", concurrency: int = 16,
                  timeout: float = 600.0, max_retries: int = 6, backoff: float = 1.0,
-                 params: int | None = None, seed: int = 0):
+                 params: int | None = None, seed: int = 0, *,
+                 system_prompt: str, ends_step):
+        """`system_prompt` and `ends_step` are the method's (rollout.load_model passes them)."""
         import requests
         if continuation not in CONTINUATIONS:
             raise UsageError(f"--continuation {continuation}: expected one of {', '.join(CONTINUATIONS)}")
@@ -176,6 +169,7 @@ class ApiModel:
         if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
             raise UsageError(f"{base_url}: not an http(s) URL (expected e.g. http://host:8000/v1)")
         self.name, self.base_url = name, url
+        self.system_prompt, self.ends_step = system_prompt, ends_step
         self.root = url[:-3] if url.endswith("/v1") else url
         self.top_logprobs, self.concurrency = top_logprobs, concurrency
         self.timeout, self.max_retries, self.backoff, self.seed = timeout, max_retries, backoff, seed
@@ -203,6 +197,10 @@ class ApiModel:
                               "template, and the server offers neither /apply-template nor "
                               "/tokenize+/detokenize")
         self.continuation = continuation
+
+    def messages_for(self, question: str) -> list:
+        """The chat messages that ask the question (the method's system prompt first)."""
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
 
     # -- plumbing ---------------------------------------------------------------------
     @property
@@ -276,7 +274,7 @@ class ApiModel:
     def _find_template_route(self) -> str | None:
         """How this server gives the chat-templated prompt text: 'apply-template'
         (llama.cpp), 'tokenize' (vLLM/SGLang), or None."""
-        probe = {"messages": messages_for("1+1?")}
+        probe = {"messages": self.messages_for("1+1?")}
         for route in ("apply-template", "tokenize"):
             try:
                 if self._template(probe["messages"], route):
@@ -311,12 +309,12 @@ class ApiModel:
     def _solve_one(self, question: str, max_new_tokens: int, prefix: str = "") -> tuple:
         """(prompt tokens, token entries, finished) of the greedy solution."""
         if self._template_via:
-            prompt = self._template(messages_for(question)) + prefix
+            prompt = self._template(self.messages_for(question)) + prefix
             d = self._post("/completions", {**self._greedy(), "prompt": prompt,
                                             "max_tokens": max_new_tokens,
                                             "logprobs": self.top_logprobs})
         else:
-            msgs = messages_for(question) + ([{"role": "assistant", "content": prefix}] if prefix else [])
+            msgs = self.messages_for(question) + ([{"role": "assistant", "content": prefix}] if prefix else [])
             extra = {"continue_final_message": True, "add_generation_prompt": False} if prefix else {}
             d = self._post("/chat/completions", {**self._greedy(), **extra, "messages": msgs,
                                                  "max_tokens": max_new_tokens, "logprobs": True,
@@ -333,17 +331,17 @@ class ApiModel:
         """The greedy solution of every question (a list of question strings), as Drafts."""
         def one(q):
             prompt_tokens, entries, finished = self._solve_one(q, max_new_tokens)
-            return Draft(prompt_tokens, steps_from_entries(entries), finished)
+            return Draft(prompt_tokens, steps_from_entries(entries, self.ends_step), finished)
         return run_concurrently(one, questions, self.concurrency, on_done)
 
     def _continue_one(self, item: tuple, max_new_tokens: int) -> Continuation:
         question, prefix = item
         body = {**self._greedy(), "max_tokens": max_new_tokens}
         if self.continuation == "completions":
-            d = self._post("/completions", {**body, "prompt": self._template(messages_for(question)) + prefix})
+            d = self._post("/completions", {**body, "prompt": self._template(self.messages_for(question)) + prefix})
             text = d["choices"][0]["text"]
         else:
-            msgs = messages_for(question)
+            msgs = self.messages_for(question)
             if prefix and self.continuation == "prefill":
                 msgs.append({"role": "assistant", "content": prefix})
                 body.update(continue_final_message=True, add_generation_prompt=False)
@@ -384,7 +382,7 @@ class ApiDrafter:
     def __init__(self, model: ApiModel, question: str, max_new_tokens: int, prefix: str = ""):
         self.model, self._response = model, None
         if model._template_via:
-            prompt = model._template(messages_for(question)) + prefix
+            prompt = model._template(model.messages_for(question)) + prefix
             self.prompt_tokens = model.count_tokens(prompt)
             body = {**model._greedy(), "prompt": prompt, "logprobs": model.top_logprobs,
                     "max_tokens": max_new_tokens, "stream": True}
@@ -417,7 +415,7 @@ class ApiDrafter:
             entry = self._next
             entries.append(entry)
             self._next = next(self._events, None)
-            if ends_step_text(prev, entry[0]):
+            if self.model.ends_step(prev, entry[0]):
                 break
             prev = entry[0]
         return _one_step(entries) if entries else None

@@ -1,5 +1,10 @@
 """Stage 3 of stepwise model routing: calibrate the deployed threshold kappa (docs/DESIGN.md section 1).
 
+Run it:
+
+    python calibrate.py --policy results/gsm8k/policy.pt --data results/gsm8k/calib.jsonl \\
+        --target-relative 0.98 [--delta 0.1] --out results/gsm8k/calibration.json
+
 The trained policy is deployed as a threshold rule: escalate at the FIRST step t whose
 p(escalate | s_t) >= kappa. On held-out calibration questions (a table from rollout.py),
 every kappa is scored exactly, and we take the cheapest kappa whose accuracy meets the
@@ -29,13 +34,8 @@ router in evaluate.py --calib-data, so that the policy is compared with deployab
 calibration.json records hashes of its questions; the table may not share questions with
 the policy's training table (`--allow-overlap` to go on anyway).
 
-Run it:
-
-    python calibrate.py --policy results/gsm8k/policy.pt --data results/gsm8k/calib.jsonl \\
-        --target-relative 0.98 [--delta 0.1] --out results/gsm8k/calibration.json
-
-`first_crossing()` and `score_routes()` score any first-crossing router exactly on a table;
-evaluate.py reuses them for the handcrafted confidence routers and the policy sweep.
+table.py's `first_crossing()`, `route_outcomes()` and `sweep()` score any first-crossing router
+exactly on a table; evaluate.py uses them for the handcrafted confidence routers too.
 """
 from __future__ import annotations
 
@@ -48,95 +48,15 @@ from pathlib import Path
 
 import torch
 
-from rollout import UsageError, check_range, make_parser, run_cli
-from train_policy import (Table, add_pricing_args, add_target_args, check_overlap, load_policy,
-                          load_table, plural, policy_probs, resolve_target)
+from cli import UsageError, check_range, make_parser, plural, run_cli
+from table import (Table, add_pricing_args, add_target_args, aggregate, check_overlap, first_crossing,
+                   resolve_target, route_outcomes, sweep, target_of)
+from train_policy import load_policy, load_table, policy_probs
 
 
 # ----------------------------------------------------------------------------------------
-# Scoring one-way routers exactly on the table. A route is, per question, the 0-based step
-# index at which it escalates, T for never, or T+1 for "the large model alone".
+# The thresholds: every distinct score, scored exactly by table.sweep().
 # ----------------------------------------------------------------------------------------
-def first_crossing(scores: torch.Tensor, mask: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Escalate at the first valid step whose score >= threshold.
-
-    scores [Q,T], mask [Q,T], thresholds [K] -> [K,Q] long: the 0-based step index, or T
-    where no valid step crosses. Uses the running max of the scores: the first crossing of
-    kappa is the number of valid steps whose running max is still below kappa.
-    """
-    Q, T = mask.shape
-    s = torch.where(mask, scores.double(), -math.inf)
-    running = torch.cummax(s, dim=1).values
-    running = torch.where(mask, running, math.inf)        # sorted along T for searchsorted
-    th = torch.as_tensor(thresholds, dtype=torch.float64).reshape(1, -1).expand(Q, -1).contiguous()
-    idx = torch.searchsorted(running, th, side="left")    # [Q,K]: count of running < kappa
-    n = mask.sum(1, keepdim=True)
-    return torch.where(idx >= n, T, idx).t().contiguous()
-
-
-def route_outcomes(table: Table, esc: torch.Tensor) -> dict:
-    """Per-question outcomes of routes esc [K,Q] (values 0..T-1 escalate, T never, T+1 the
-    large model alone): correct, cost, small_tokens, large_tokens, each [K,Q] float64."""
-    T = table.T
-    cols = lambda e, s, l: torch.cat([e, s[:, None], l[:, None]], 1)      # [Q,T+2]
-    outcomes = {
-        "correct": cols(table.esc_correct, table.small_correct, table.large_correct),
-        "cost": cols(table.esc_cost, table.small_cost, table.large_cost),
-        "small_tokens": cols(table.esc_small_tokens, table.small_tokens, table.large_alone_small_tokens),
-        "large_tokens": cols(table.esc_large_tokens, torch.zeros_like(table.small_tokens),
-                             table.large_tokens),
-    }
-    esc = esc.long()
-    valid = torch.cat([table.mask, torch.ones(table.Q, 2, dtype=torch.bool)], 1)
-    q = torch.arange(table.Q)[None, :]
-    esc = torch.where(valid[q, esc], esc, T)               # a padded step means never
-    return {k: v[q, esc] for k, v in outcomes.items()}
-
-
-def aggregate(table: Table, out: dict) -> dict:
-    """Per-question outcomes [K,Q] -> accuracy, relative_cost, large_share, each [K]."""
-    total = out["small_tokens"].sum(-1) + out["large_tokens"].sum(-1)
-    return {"accuracy": out["correct"].mean(-1),
-            "relative_cost": table.relative_cost(out["cost"]),
-            "large_share": torch.where(total > 0, out["large_tokens"].sum(-1) / total.clamp(min=1e-300), 0.0)}
-
-
-def score_routes(table: Table, esc: torch.Tensor) -> dict:
-    """Exact accuracy [K], relative_cost [K] and large_share [K] (share of generated tokens
-    written by the large model) of routes esc [K,Q] (see route_outcomes)."""
-    return aggregate(table, route_outcomes(table, esc))
-
-
-def sweep(table: Table, scores: torch.Tensor, thresholds: torch.Tensor) -> dict:
-    """score_routes(table, first_crossing(scores, table.mask, thresholds)) for many
-    thresholds at once, exactly, in O((QT + K) log QT) instead of O(KQ).
-
-    With m_t the running max of the scores, the route escalates at the first t with
-    m_t >= kappa; writing v_e for an outcome value (e = n: never) and D_t = v_t - v_{t+1},
-    v_{route} = v_never + sum over valid t with m_t >= kappa of D_t. So each sum over
-    questions is a suffix sum over all (m_t, D_t) pairs sorted by m_t.
-    """
-    running = torch.cummax(torch.where(table.mask, scores.double(), -math.inf), 1).values
-    order = torch.argsort(running[table.mask])
-    m = running[table.mask][order]
-    th = torch.as_tensor(thresholds, dtype=torch.float64)
-    start = torch.searchsorted(m, th, side="left")             # pairs with m >= kappa: start..
-    never = {"correct": table.small_correct, "cost": table.small_cost,
-             "small_tokens": table.small_tokens, "large_tokens": torch.zeros_like(table.small_tokens)}
-    sums = {}
-    for key, esc_v in (("correct", table.esc_correct), ("cost", table.esc_cost),
-                       ("small_tokens", table.esc_small_tokens), ("large_tokens", table.esc_large_tokens)):
-        v = torch.where(table.mask, esc_v, never[key][:, None])   # padded steps: the never outcome
-        nxt = torch.cat([v[:, 1:], never[key][:, None]], 1)
-        d = (v - nxt)[table.mask][order]
-        suffix = torch.cat([torch.flip(torch.cumsum(torch.flip(d, [0]), 0), [0]), d.new_zeros(1)])
-        sums[key] = never[key].sum() + suffix[start]
-    total = sums["small_tokens"] + sums["large_tokens"]
-    return {"accuracy": sums["correct"] / table.Q,
-            "relative_cost": sums["cost"] / table.large_cost.sum(),
-            "large_share": torch.where(total > 0, sums["large_tokens"] / total.clamp(min=1e-300), 0.0)}
-
-
 def kappa_grid(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Every distinct score on valid steps plus the ends (the smaller of 0 and the minimum:
     always escalate at step 1; just above the maximum: never), ascending."""
@@ -148,14 +68,8 @@ def kappa_grid(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# The target, and fixed-sequence testing of thresholds against it.
+# Fixed-sequence testing of thresholds against the target.
 # ----------------------------------------------------------------------------------------
-def target_of(spec: dict, large_correct: torch.Tensor) -> float:
-    """{"accuracy": A} -> A; {"relative": R} -> R * the large model's accuracy on these questions."""
-    kind, value = next(iter(spec.items()))
-    return float(value) * large_correct.double().mean().item() if kind == "relative" else float(value)
-
-
 def binomial_upper_tail(n: int, p: float) -> torch.Tensor:
     """P(X >= k) for X ~ Binomial(n, p), for k = 0..n ([n+1] float64)."""
     k = torch.arange(n + 1, dtype=torch.float64)
@@ -385,7 +299,7 @@ def main(argv=None):
     if warning:
         print(warning, file=sys.stderr)
 
-    # Score every threshold exactly, then choose (fixed-sequence testing with --delta).
+    # ALGO LOGIC: score every threshold exactly, then choose (fixed-sequence testing with --delta)
     p = policy_probs(policy, table)
     result = calibrate_scores(table, p, target_spec, args.delta)
     grid, acc, cost = result["grid"], result["swept"]["accuracy"], result["swept"]["relative_cost"]

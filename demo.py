@@ -52,8 +52,8 @@ import sys
 import time
 from pathlib import Path
 
-from rollout import UsageError, load_questions, make_parser, run_cli
-from train_policy import plural
+from cli import UsageError, make_parser, plural, run_cli
+from rollout import load_questions
 
 REPO = Path(__file__).resolve().parent
 POOL_NAMES = ("qwen-coder-0.5b", "qwen-coder-1.5b")  # small, large (fetch_models.py names)
@@ -250,7 +250,7 @@ def headline(ev: dict) -> dict:
 
 def print_headline(h: dict, ev: dict) -> None:
     from calibrate import format_kappa
-    from train_policy import plural
+    from cli import plural
     name = lambda role: Path(str(ev["pool"][role]["model"])).name  # noqa: E731
     point = lambda p: f"accuracy {p['accuracy']:.3f}, relative cost {p['relative_cost']:.3f}"  # noqa: E731
     meets = lambda p: f"meets the target: {'yes' if p['meets_target'] else 'NO'}"  # noqa: E731

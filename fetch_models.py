@@ -60,7 +60,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from rollout import SYSTEM_PROMPT, ArgumentParser, UsageError, run_cli
+from cli import ArgumentParser, UsageError, run_cli
+from rollout import SYSTEM_PROMPT
 
 DEFAULT_CACHE = Path("~/.cache/stepwise-routing/models")
 DEFAULT_MODELS = ["qwen-coder-0.5b", "qwen-coder-1.5b"]

@@ -1,14 +1,5 @@
 """Stage 5 of stepwise model routing: route one question live, step by step (docs/DESIGN.md 1).
 
-The small model drafts one step at a time (its KV cache carries over, nothing is encoded
-twice). After each draft the state features (train_policy.state_features, the function
-the policy was trained on) go through the policy; at the first step with
-p(escalate) >= kappa (calibrate.py's threshold) the draft is dropped and the large model
-continues from the question plus the accepted steps, with the same prompt construction as
-rollout.py. With greedy decoding this is exactly the run that the trajectory table
-predicts for the same escalation step, which is what makes the table's numbers true of
-live routing (tests/test_route.py checks it).
-
 Run it right after `python fetch_models.py` (the committed SVAMP policy of the
 Qwen2.5-Coder 0.5B -> 1.5B pool; `make demo` rebuilds it):
 
@@ -17,6 +8,15 @@ Qwen2.5-Coder 0.5B -> 1.5B pool; `make demo` rebuilds it):
 
     python route.py --policy ... --calibration ... --interactive   # a prompt loop, both models loaded
     python route.py ... --json "question"        # one JSON object on the last line of stdout
+
+The small model drafts one step at a time (its KV cache carries over, nothing is encoded
+twice). After each draft the state features (train_policy.state_features, the function
+the policy was trained on) go through the policy; at the first step with
+p(escalate) >= kappa (calibrate.py's threshold) the draft is dropped and the large model
+continues from the question plus the accepted steps, with the same prompt construction as
+rollout.py. With greedy decoding this is exactly the run that the trajectory table
+predicts for the same escalation step, which is what makes the table's numbers true of
+live routing (tests/test_route.py checks it).
 
 --small/--large default to the pool recorded in the policy file (a folder of fetch_models.py
 that is not where the policy says is looked up in this machine's model cache). The calibration
@@ -34,8 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-from rollout import (DEFAULT_LARGE, DEFAULT_SMALL, UsageError, add_api_args, extract_answer,
-                     load_lm, load_model, make_parser, run_cli)
+from cli import UsageError, add_api_args, make_parser, run_cli
+from engine import load_lm
+from rollout import DEFAULT_LARGE, DEFAULT_SMALL, extract_answer, load_model
 
 GET_ONE = "train one with train_policy.py and calibrate.py, or run `make demo` to rebuild " \
           "results/svamp/policy.pt and results/svamp/calibration.json"
@@ -143,6 +144,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
         display.note("large model only" + (" (the calibration's fallback: no threshold met "
                                             "its target)" if escalate_at is None else ""))
     else:
+        # ALGO LOGIC: draft a step, score its state, escalate at the first p >= kappa
         drafter = need(small).drafter(question, max_new_tokens)
         while (draft := drafter.next_step()) is not None:
             t = len(accepted) + 1
@@ -165,6 +167,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     solution = "".join(s["text"] for s in accepted)
     large_tokens = 0
     if escalated_at is not None:
+        # ALGO LOGIC: the large model continues after the accepted steps
         cont = need(large).drafter(question, max_new_tokens, prefix=solution)
         while (step := cont.next_step()) is not None:
             large_tokens += step["tokens"]
@@ -314,7 +317,7 @@ def main(argv=None) -> int:
             name, source, params = pool_model(getattr(args, role), pool, role, default)
             if role == "large" or not large_only:
                 load_lm(name, check_only=True)  # a mistyped name fails now, not after drafting
-            load = (lambda n: lambda: load_lm(n, args.device, args.dtype))(name)
+            load = (lambda n: lambda: load_model(n, None, args, args.device))(name)
         if role == "large" or not large_only:
             display.note(f"{role} model: {name} ({source})")
         models[role] = LazyLM(name, load, params, display.note)

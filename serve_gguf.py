@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from rollout import UsageError, run_cli
+from cli import UsageError, run_cli
 
 
 def start_server(gguf: str, name: str | None = None, port: int = 18101, threads: int = 1,

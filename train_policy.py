@@ -1,9 +1,18 @@
 """Stage 2 of stepwise model routing: train the escalation policy on the table (docs/DESIGN.md 1, 2, 4).
 
-The table written by rollout.py is an exact simulator: for every question it holds the
-small model's solution step by step and the large model's continuation after every prefix.
-So a router's episode on a question is fixed by one number, the step at which it escalates
-(or never), and training needs no LLM call.
+Run it (exactly one of --target-accuracy / --target-relative):
+
+    python train_policy.py --train results/gsm8k/train.jsonl --target-relative 0.98 \\
+        --out results/gsm8k/policy.pt
+
+It writes the policy (torch file with feature names, normalisation, weights and a `meta`
+dict), a per-iteration log `policy.log.jsonl` and a training curve `policy.curve.png`
+next to it. The same seed gives identical weights.
+
+The table written by rollout.py is an exact simulator (table.py): for every question it
+holds the small model's solution step by step and the large model's continuation after every
+prefix. So a router's episode on a question is fixed by one number, the step at which it
+escalates (or never), and training needs no LLM call.
 
 The method, top to bottom:
 
@@ -11,13 +20,11 @@ The method, top to bottom:
    step t: the draft's token statistics and length, t, the tokens so far, running summaries
    of the accepted steps 1..t-1, whether the draft holds a boxed answer, and whether it
    ended the small model's solution. Training and route.py both call this one function.
-2. **Cost** (section 2). `Pricing` holds a price per prompt token and per generated token
-   for each model: FLOPs by default (a generated token costs 2 * params, a prompt token R
-   times that with `--prompt-cost R`, R = 0 by default), or dollars with
-   `--price-small IN,OUT --price-large IN,OUT` (dollars per million prompt / generated
-   tokens). `build_table()` turns the records into
-   padded tensors of the correctness and cost of every outcome (escalate at step t, never
-   escalate, the large model alone).
+2. **The table** (section 2). `build_table()` prices the records (table.Pricing: FLOPs by
+   default, a prompt token R generated tokens with `--prompt-cost R`; or dollars with
+   `--price-small IN,OUT --price-large IN,OUT`), takes the correctness and cost of every
+   outcome from table.py (escalate at step t, never escalate, the large model alone) and
+   adds the state features of every drafted step.
 3. **Policy.** `Policy` is an MLP on normalised features giving p(escalate | s_t).
 4. **Training** (section 1). Episodes are sampled from the stochastic policy (Bernoulli
    escalation at each valid step, stop at the first escalation) and scored: correct in
@@ -37,42 +44,25 @@ The method, top to bottom:
 Every training setting has its default in ONE place, `TrainConfig`; the command line
 reads its defaults from there and hands every setting to `train()`.
 
-Questions are identified by `question_hash()` (sha256 of the normalised question text);
-the policy file records the hashes of its training questions so that later stages can
-refuse a table that shares questions with it.
-
-Run it (exactly one of --target-accuracy / --target-relative):
-
-    python train_policy.py --train results/gsm8k/train.jsonl --target-relative 0.98 \\
-        --out results/gsm8k/policy.pt
-
-It writes the policy (torch file with feature names, normalisation, weights and a `meta`
-dict), a per-iteration log `policy.log.jsonl` and a training curve `policy.curve.png`
-next to it. The same seed gives identical weights.
-
-Conventions. A question whose small solution has no steps (n = 0) has no escalations: every
-router, the large baseline and the oracle included, gets the small outcome there, and its
-all-large cost is taken to be its small cost. An outcome whose answer is null is wrong (the
-table's `correct` is trusted).
+The policy file records the hashes of its training questions (table.question_hash) so that
+later stages can refuse a table that shares questions with it. Conventions on questions
+without steps and null answers: table.py.
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
-import math
-import re
 import sys
 import time
-import unicodedata
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rollout import UsageError, check_range, make_parser, read_table, run_cli
+from cli import UsageError, check_range, make_parser, plural, run_cli
+from table import (Pricing, Table, add_pricing_args, add_target_args, load_records, outcome_columns,
+                   outcome_table, resolve_target)
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,202 +106,30 @@ def state_features(prompt_tokens: int, steps: list[dict], ended: bool) -> list[f
 
 
 # ----------------------------------------------------------------------------------------
-# 2. Cost (DESIGN section 2): prices per prompt token and per generated token, per model.
+# 2. The table with the policy's inputs: the simulator's outcome and cost columns
+# (table.Table, priced per DESIGN section 2) and the state features of every drafted step.
 # ----------------------------------------------------------------------------------------
 @dataclass
-class Pricing:
-    small_in: float
-    small_out: float
-    large_in: float
-    large_out: float
-    unit: str = "FLOPs"
+class FeatureTable(Table):
+    features: torch.Tensor = None   # [Q,T,F] float32, raw state_features of each drafted step
 
 
-def add_pricing_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("cost (DESIGN section 2)")
-    g.add_argument("--prompt-cost", type=float, default=0.0, metavar="R",
-                   help="FLOPs pricing: a prompt token costs R generated tokens of the same "
-                        "model (default 0: prompts are free)")
-    g.add_argument("--price-small", nargs="+", metavar="IN,OUT",
-                   help="dollars per million prompt (IN) and generated (OUT) tokens of the small "
-                        "model, as IN,OUT or IN OUT (with --price-large; replaces FLOPs pricing)")
-    g.add_argument("--price-large", nargs="+", metavar="IN,OUT",
-                   help="dollars per million prompt and generated tokens of the large model")
-
-
-def parse_price(flag: str, value) -> list[float]:
-    """'IN,OUT' or ['IN', 'OUT'] (or two floats) -> [IN, OUT] dollars per million tokens."""
-    parts = value if isinstance(value, (list, tuple)) else [value]
-    parts = [x for p in parts for x in (str(p).split(",") if isinstance(p, str) else [p]) if x != ""]
-    try:
-        prices = [float(x) for x in parts]
-    except ValueError:
-        prices = []
-    if len(prices) != 2:
-        raise UsageError(f"{flag} takes IN,OUT (dollars per million prompt and generated tokens), "
-                         f"got {' '.join(map(str, parts))!r}")
-    return prices
-
-
-def table_pool(records: list[dict]) -> dict:
-    """The one pool every record of a table shares."""
-    pool = records[0]["pool"]
-    for rec in records:
-        if rec["pool"] != pool:
-            raise UsageError(f"question {rec['id']!r} has pool {rec['pool']} but question "
-                             f"{records[0]['id']!r} has {pool}: a table holds one pool")
-    return pool
-
-
-def pricing_from_args(args, records: list[dict]) -> Pricing:
-    pool = table_pool(records)
-    if (args.price_small is None) != (args.price_large is None):
-        raise UsageError("--price-small and --price-large go together")
-    if args.price_small is not None:
-        if args.prompt_cost:
-            raise UsageError("--prompt-cost is for FLOPs pricing; --price-small/--price-large "
-                             "already price prompt tokens")
-        prices = [*parse_price("--price-small", args.price_small),
-                  *parse_price("--price-large", args.price_large)]
-        if any(not (p >= 0) or math.isinf(p) for p in prices):
-            raise UsageError(f"--price-small/--price-large must be finite and >= 0, got {prices}")
-        if prices[3] <= 0:
-            raise UsageError("--price-large OUT must be > 0 (costs are relative to the large model)")
-        return Pricing(*(p / 1e6 for p in prices), unit="dollars")   # per token
-    check_range("--prompt-cost", args.prompt_cost, 0.0, 1e12)
-    out = {}
-    for role in ("small", "large"):
-        params = pool.get(role, {}).get("params") if isinstance(pool.get(role), dict) else None
-        if not isinstance(params, (int, float)) or isinstance(params, bool) or not params > 0:
-            raise UsageError(f"question {records[0]['id']!r}: pool.{role}.params is {params!r}; "
-                             f"FLOPs pricing needs a positive parameter count "
-                             f"(or give --price-small/--price-large)")
-        out[role] = 2.0 * params
-    return Pricing(args.prompt_cost * out["small"], out["small"],
-                   args.prompt_cost * out["large"], out["large"], unit="FLOPs")
-
-
-# ----------------------------------------------------------------------------------------
-# Question identity: ids are positional and differ between copies of a dataset, so stages
-# compare questions by a hash of their normalised text.
-# ----------------------------------------------------------------------------------------
-def question_hash(text: str) -> str:
-    """sha256 of the question text after NFKC, whitespace collapsed, stripped, lowercased."""
-    norm = re.sub(r"\s+", " ", unicodedata.normalize("NFKC", str(text))).strip().lower()
-    return hashlib.sha256(norm.encode("utf-8")).hexdigest()
-
-
-def check_overlap(hashes: list, table_path, others: list, allow: bool) -> None:
-    """Refuse (one line) a table sharing questions with earlier files, unless `allow`.
-    others: (file name, that file's question hashes or None where it records none)."""
-    mine = set(hashes)
-    for name, theirs in others:
-        if theirs is None:
-            continue
-        shared = len(mine & set(theirs))
-        if shared and not allow:
-            raise UsageError(f"{table_path} shares {shared} question{'s' if shared != 1 else ''} "
-                             f"with {name}; use other questions, or --allow-overlap to go on anyway")
-        if shared:
-            print(f"warning: {table_path} shares {shared} question(s) with {name} (--allow-overlap)",
-                  file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------
-# The table as padded tensors: Q questions, T = max steps, F features.
-# Escalating at step t (1-based; column t-1) pays the small steps 1..t (the dropped draft
-# included) and its prompt, plus the large continuation escalations[t-1] and its prompt.
-# ----------------------------------------------------------------------------------------
-@dataclass
-class Table:
-    features: torch.Tensor          # [Q,T,F] float32, raw state_features of each drafted step
-    mask: torch.Tensor              # [Q,T] bool, step t exists (t < n_steps)
-    n_steps: torch.Tensor           # [Q] long
-    esc_correct: torch.Tensor       # [Q,T] float64, escalate at step t+1 (0 where padded)
-    esc_cost: torch.Tensor          # [Q,T] float64
-    esc_small_tokens: torch.Tensor  # [Q,T] float64, small tokens generated (steps 1..t+1)
-    esc_large_tokens: torch.Tensor  # [Q,T] float64, large tokens generated
-    small_correct: torch.Tensor     # [Q] never escalate
-    small_cost: torch.Tensor
-    small_tokens: torch.Tensor
-    large_correct: torch.Tensor     # [Q] the large model alone (the small outcome where n = 0)
-    large_cost: torch.Tensor
-    large_tokens: torch.Tensor      # large tokens generated (0 where n = 0)
-    ids: list = field(default_factory=list)
-    hashes: list = field(default_factory=list)   # question_hash() of each question
-    pool: dict = field(default_factory=dict)
-    pricing: Pricing | None = None
-
-    @property
-    def Q(self) -> int:
-        return self.mask.shape[0]
-
-    @property
-    def T(self) -> int:
-        return self.mask.shape[1]
-
-    @property
-    def large_alone_small_tokens(self) -> torch.Tensor:
-        """Small tokens in the 'large alone' outcome: only where n = 0 (it is the small one)."""
-        return torch.where(self.n_steps == 0, self.small_tokens, torch.zeros_like(self.small_tokens))
-
-    def relative_cost(self, costs: torch.Tensor) -> torch.Tensor:
-        """sum(costs) / sum(all-large costs) over the same questions (last dim = questions)."""
-        return costs.sum(-1) / self.large_cost.sum()
-
-
-def build_table(records: list[dict], pricing: Pricing) -> Table:
-    Q = len(records)
-    T = max(1, max(len(r["small"]["steps"]) for r in records))
-    feats = torch.zeros(Q, T, len(FEATURE_NAMES), dtype=torch.float32)
-    z = lambda: torch.zeros(Q, T, dtype=torch.float64)
-    mask = torch.zeros(Q, T, dtype=torch.bool)
-    esc_correct, esc_cost, esc_small, esc_large = z(), z(), z(), z()
-    q1 = lambda: torch.zeros(Q, dtype=torch.float64)
-    small_correct, small_cost, small_tokens = q1(), q1(), q1()
-    large_correct, large_cost, large_tokens = q1(), q1(), q1()
-    n_steps = torch.zeros(Q, dtype=torch.long)
-    p = pricing
+def build_table(records: list[dict], pricing: Pricing) -> FeatureTable:
+    outcomes = outcome_table(records, pricing)
+    feats = torch.zeros(outcomes.Q, outcomes.T, len(FEATURE_NAMES), dtype=torch.float32)
     for i, rec in enumerate(records):
-        small, escs = rec["small"], rec["escalations"]
-        steps, n, prompt = small["steps"], len(small["steps"]), small["prompt_tokens"]
-        n_steps[i] = n
-        rows, cum, cums = [], 0, []
-        for t in range(1, n + 1):
-            rows.append(state_features(prompt, steps[:t], ended=(t == n)))
-            cum += steps[t - 1]["tokens"]
-            cums.append(cum)
-        small_correct[i] = float(bool(small["correct"]))
-        small_tokens[i] = cum
-        small_cost[i] = p.small_out * cum + p.small_in * prompt
-        if n == 0:  # no escalations: the large baseline gets the small outcome (module doc)
-            large_correct[i], large_cost[i] = small_correct[i], small_cost[i]
-            continue
-        feats[i, :n] = torch.tensor(rows, dtype=torch.float32)
-        mask[i, :n] = True
-        cums_t = torch.tensor(cums, dtype=torch.float64)
-        e_tok = torch.tensor([e["tokens"] for e in escs], dtype=torch.float64)
-        e_prompt = torch.tensor([e["prompt_tokens"] for e in escs], dtype=torch.float64)
-        esc_correct[i, :n] = torch.tensor([float(bool(e["correct"])) for e in escs], dtype=torch.float64)
-        esc_small[i, :n] = cums_t
-        esc_large[i, :n] = e_tok
-        esc_cost[i, :n] = (p.small_out * cums_t + p.small_in * prompt
-                           + p.large_out * e_tok + p.large_in * e_prompt)
-        large_correct[i] = esc_correct[i, 0]
-        large_tokens[i] = e_tok[0]
-        large_cost[i] = p.large_out * e_tok[0] + p.large_in * e_prompt[0]
-    if not large_cost.sum() > 0:
-        raise UsageError("the all-large cost of the table is 0: relative costs are undefined")
-    return Table(feats, mask, n_steps, esc_correct, esc_cost, esc_small, esc_large,
-                 small_correct, small_cost, small_tokens, large_correct, large_cost, large_tokens,
-                 ids=[r["id"] for r in records], hashes=[question_hash(r["question"]) for r in records],
-                 pool=table_pool(records), pricing=pricing)
+        steps, n = rec["small"]["steps"], len(rec["small"]["steps"])
+        if n:
+            feats[i, :n] = torch.tensor([state_features(rec["small"]["prompt_tokens"], steps[:t],
+                                                        ended=(t == n)) for t in range(1, n + 1)],
+                                        dtype=torch.float32)
+    return FeatureTable(**vars(outcomes), features=feats)
 
 
-def load_table(path, args) -> Table:
-    """read_table + pricing flags -> Table (what every table stage starts with)."""
-    records = read_table(path)
-    return build_table(records, pricing_from_args(args, records))
+def load_table(path, args) -> FeatureTable:
+    """read_table + pricing flags -> FeatureTable (what every table stage starts with)."""
+    records, pricing = load_records(path, args)
+    return build_table(records, pricing)
 
 
 # ----------------------------------------------------------------------------------------
@@ -420,8 +238,8 @@ def episode_values(table: Table):
     the table's questions, so the mean cost over questions of any router is exactly its
     relative cost sum(costs) / sum(all-large costs), the number calibration and evaluation
     report (DESIGN section 1)."""
-    correct = torch.cat([table.esc_correct, table.small_correct[:, None]], 1)
-    cost = torch.cat([table.esc_cost, table.small_cost[:, None]], 1) / table.large_cost.mean()
+    cols = outcome_columns(table)
+    correct, cost = cols["correct"][:, :-1], cols["cost"][:, :-1] / table.large_cost.mean()
     return correct.float(), cost.float()
 
 
@@ -457,20 +275,6 @@ def lagrangian(policy, features, mask, correct, cost, lam, target, estimator="ex
     loss = (adv * logp).mean() + penalty
     return loss, {"accuracy": ep_correct.mean().item(), "cost": ep_cost.mean().item(),
                   "loss": ell.mean().item()}
-
-
-def resolve_target(args, table: Table) -> tuple[float, dict]:
-    """--target-accuracy A or --target-relative R (R * large accuracy on these questions)."""
-    if args.target_accuracy is not None:
-        check_range("--target-accuracy", args.target_accuracy, 0.0, 1.0)
-        return float(args.target_accuracy), {"accuracy": args.target_accuracy}
-    check_range("--target-relative", args.target_relative, 0.0, None, lo_open=True)
-    large_acc = table.large_correct.mean().item()
-    target = args.target_relative * large_acc
-    if target > 1:
-        raise UsageError(f"--target-relative {args.target_relative} asks for accuracy {target:.4f} > 1 "
-                         f"(large model accuracy {large_acc:.4f})")
-    return target, {"relative": args.target_relative}
 
 
 @dataclass
@@ -509,7 +313,7 @@ def train(table: Table, target: float, config: TrainConfig | None = None, log=No
         idx = torch.randint(table.Q, (cfg.batch_size,), generator=gen)
         loss, stats = lagrangian(policy, table.features[idx], table.mask[idx], correct[idx],
                                  cost[idx], lam, target, cfg.estimator, cfg.episodes, gen, cfg.logit_l2)
-        opt.zero_grad()
+        opt.zero_grad()  # ALGO LOGIC: a descent step on theta, then dual ascent on lambda
         loss.backward()
         opt.step()
         if log:
@@ -541,19 +345,7 @@ def plot_curve(history: list[dict], target: float, path: Path) -> None:
     plt.close(fig)
 
 
-def plural(n: int, word: str) -> str:
-    """'1 question', '2 questions'."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def add_target_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--target-accuracy", type=float, metavar="A", help="absolute accuracy target in [0, 1]")
-    g.add_argument("--target-relative", type=float, metavar="R",
-                   help="target = R * the large model's accuracy on the same questions")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     D = TrainConfig()   # every default below comes from here
     parser = make_parser(__doc__)
     parser.add_argument("--train", required=True, metavar="PATH", help="schema-1 trajectory table (JSONL)")
@@ -623,6 +415,7 @@ def main(argv=None):
           f"target accuracy {target:.4f} {target_spec}, large {table.large_correct.mean():.4f}, "
           f"small {table.small_correct.mean():.4f}, estimator {config.estimator}")
 
+    # ALGO LOGIC: primal-dual training on the table (train(), above, is the method)
     history = []
     start = time.perf_counter()
     policy, lam = train(table, target, config, log=history.append)

@@ -24,11 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rollout  # noqa: E402
+from table import read_table  # noqa: E402
 from fetch_models import default_cache  # noqa: E402
 
 
 def table_tokens(path: Path) -> tuple:
-    recs = rollout.read_table(path)
+    recs = read_table(path)
     small = sum(s["tokens"] for r in recs for s in r["small"]["steps"])
     large = sum(e["tokens"] for r in recs for e in r["escalations"])
     return len(recs), small, large

@@ -2,7 +2,7 @@
 
 Builds a random-weight model of a real shape, fills the engine's slots with contexts of
 random lengths, and times one decode step: replayed as a CUDA graph and run eagerly, for
-each attention kernel (rollout.SLOT_ATTENTION_KERNEL) and each share of the slots; then
+each attention kernel (engine.SLOT_ATTENTION_KERNEL) and each share of the slots; then
 lists the step's heaviest GPU kernels (torch.profiler) and the floor (bytes it must read
 over the measured copy bandwidth).
 
@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import rollout  # noqa: E402
+import engine  # noqa: E402
 from rollout_gpu import copy_bandwidth  # noqa: E402
 from rollout_speed import CONFIGS as SHAPES, random_model, sync  # noqa: E402
 
@@ -44,18 +44,18 @@ def main():
     args = p.parse_args()
     import torch
     dev = args.device
-    lm = random_model(args.config, dev, rollout.resolve_dtype(args.dtype, dev))
+    lm = random_model(args.config, dev, engine.resolve_dtype(args.dtype, dev))
     span = args.length
     bw = copy_bandwidth(dev)
     weights = sum(x.numel() * x.element_size() for x in lm.model.parameters())
-    kv = rollout.kv_bytes_per_token(lm.model)
+    kv = engine.kv_bytes_per_token(lm.model)
     rows, outs = [], {}
     for kernel in ("bmm", "sdpa"):
-        rollout.SLOT_ATTENTION_KERNEL = kernel
+        engine.SLOT_ATTENTION_KERNEL = kernel
         lm.engine = None  # a fresh engine (and CUDA graph pool) per kernel
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
-        eng = lm.engine = rollout.SlotEngine(lm, args.slots, args.length,
+        eng = lm.engine = engine.SlotEngine(lm, args.slots, args.length,
                                              graphs=dev.startswith("cuda"))
         g = torch.Generator().manual_seed(0)  # the same contexts for both kernels
         lengths = torch.randint(args.length // 3, args.length - 8, (args.slots,), generator=g)
@@ -78,12 +78,12 @@ def main():
     print(f"bmm vs sdpa kernel: same greedy token in {same:.1%} of slots, largest log-prob "
           f"difference {(outs['bmm'][1] - outs['sdpa'][1]).abs().max().item():.2e}")
     if dev.startswith("cuda"):
-        rollout.SLOT_ATTENTION_KERNEL = "sdpa"
+        engine.SLOT_ATTENTION_KERNEL = "sdpa"
         from torch.profiler import ProfilerActivity, profile
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             lm.engine._decode(span, args.slots)
             sync(dev)
-        print(f"kernels of one eager step ({rollout.SLOT_ATTENTION_KERNEL} attention, "
+        print(f"kernels of one eager step ({engine.SLOT_ATTENTION_KERNEL} attention, "
               f"{args.slots} slots):")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14,
                                         max_name_column_width=60))

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import rollout  # noqa: E402
+import engine  # noqa: E402
 from rollout_speed import CONFIGS as SHAPES, random_model, sync  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def eager_generate(lm, batch: int, prompt_tokens: int, new_tokens: int) -> dict:
 
 def engine_run(lm, prompts: list, args, batch: int, graphs: bool) -> dict:
     """The table's two passes through the slot engine."""
-    eng = rollout.engine_for(lm, batch, args.prompt_tokens + args.new_tokens
+    eng = engine.engine_for(lm, batch, args.prompt_tokens + args.new_tokens
                              + args.new_tokens - args.step_tokens, graphs)
     eng.counters = {k: 0 for k in eng.counters}
     n = max(1, args.new_tokens // args.step_tokens)
@@ -126,7 +126,7 @@ def main():
     p.add_argument("--json", default=None)
     args = p.parse_args()
     import torch
-    dtype = rollout.resolve_dtype(args.dtype, args.device)
+    dtype = engine.resolve_dtype(args.dtype, args.device)
     bw = copy_bandwidth(args.device)
     eager_for = args.configs[:1] if args.eager_engine is None else args.eager_engine
     rows = []
@@ -136,7 +136,7 @@ def main():
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(1, vocab, (args.questions, args.prompt_tokens), generator=g).tolist()
         length = args.prompt_tokens + 2 * args.new_tokens - args.step_tokens
-        batch = rollout.auto_batch_size([(lm, length)], lm.device) \
+        batch = engine.auto_batch_size([(lm, length)], lm.device) \
             if args.batch_size == "auto" else int(args.batch_size)
         row = dict(shape=shape, params=lm.params, batch=batch, bandwidth=bw)
         row["generate"] = eager_generate(lm, args.baseline_batch, args.prompt_tokens,
@@ -163,7 +163,7 @@ def main():
             if str(args.device).startswith("cuda"):
                 torch.cuda.empty_cache()
         weights = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-        kv_token = rollout.kv_bytes_per_token(lm.model)
+        kv_token = engine.kv_bytes_per_token(lm.model)
         for name in ("graphs", "eager"):
             if name in row:
                 r = row[name]

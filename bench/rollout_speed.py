@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import engine  # noqa: E402
 import rollout  # noqa: E402
 
 CONFIGS = {  # shapes of real models, for random-weight timing without the hub
@@ -43,9 +44,9 @@ CONFIGS = {  # shapes of real models, for random-weight timing without the hub
 }
 
 
-def random_model(config: str, device: str, dtype) -> rollout.LM:
+def random_model(config: str, device: str, dtype) -> engine.LM:
     """A causal LM of that shape with random weights (built in `dtype` directly: a 7B model
-    in fp32 is 30 GB), as a rollout.LM with no tokenizer and no stop token."""
+    in fp32 is 30 GB), as an engine.LM with no tokenizer and no stop token."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
     cfg = Qwen2Config(**CONFIGS[config], max_position_embeddings=32768, rope_theta=1e6)
@@ -59,15 +60,16 @@ def random_model(config: str, device: str, dtype) -> rollout.LM:
         torch.set_default_dtype(default)
     model.generation_config.pad_token_id = 0
     params = sum(p.numel() for p in model.parameters())
-    return rollout.LM(config, model, None, params, stop_ids=[], pad_id=0)
+    return engine.LM(config, model, None, params, stop_ids=[], pad_id=0)
 
 
-def random_lm(config: str, tokenizer_path: str, device: str, dtype: str) -> rollout.LM:
+def random_lm(config: str, tokenizer_path: str, device: str, dtype: str) -> engine.LM:
     """random_model() with a real tokenizer and its end-of-text token as the stop token."""
     from transformers import AutoTokenizer, GenerationConfig
-    device = rollout.resolve_device(device)
-    lm = random_model(config, device, rollout.resolve_dtype(dtype, device))
+    device = engine.resolve_device(device)
+    lm = random_model(config, device, engine.resolve_dtype(dtype, device))
     lm.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    lm.prompt, lm.ends_step = rollout.encode_prompt, rollout.ends_step  # the method's
     lm.stop_ids = [lm.tokenizer.eos_token_id]
     if lm.tokenizer.pad_token_id is not None:
         lm.pad_id = lm.tokenizer.pad_token_id
@@ -130,7 +132,7 @@ def plain_generate(lm, prompts, new_tokens, batch):
 def naive_loop(lm, questions, max_new):
     """One question, one step at a time: generate() on the re-encoded prefix per step."""
     from transformers import StoppingCriteria
-    flags = rollout.newline_flags(lm)
+    flags = engine.newline_flags(lm)
 
     class StepEnd(StoppingCriteria):
         def __init__(self, start):
@@ -138,7 +140,7 @@ def naive_loop(lm, questions, max_new):
 
         def __call__(self, input_ids, scores, **kw):
             seq = input_ids[0, self.start:].tolist()
-            done = len(seq) > 0 and rollout.ends_step(flags, seq[-2] if len(seq) > 1 else None,
+            done = len(seq) > 0 and engine.ends_step_id(flags, seq[-2] if len(seq) > 1 else None,
                                                      seq[-1])
             return __import__("torch").tensor([done], device=input_ids.device)
 
@@ -160,7 +162,7 @@ def naive_loop(lm, questions, max_new):
         for k in range(len(steps)):
             prefix_ids = rollout.encode_prompt(lm.tokenizer, q["question"], lm.tokenizer.decode(
                 [x for s in steps[:k] for x in s], skip_special_tokens=True))
-            g = rollout.generate_batch(lm, [prefix_ids], max_new)[0]
+            g = engine.generate_batch(lm, [prefix_ids], max_new)[0]
             tokens += len(g.ids)
     sync(lm.device)
     return time.perf_counter() - t, tokens
@@ -183,9 +185,9 @@ def main():
     p.add_argument("--compile", action="store_true", help="CUDA graphs in the table build")
     args = p.parse_args()
     lm = random_lm(args.config, args.tokenizer, args.device, args.dtype) if args.config \
-        else rollout.load_lm(args.model, args.device, args.dtype)
+        else rollout.load_model(args.model, None, args, args.device)
     questions = rollout.load_questions(args.dataset, args.split, limit=args.questions)
-    rollout.newline_flags(lm)
+    engine.newline_flags(lm)
     lm.batch_size, lm.compile = args.batch_size, args.compile
     rollout.records_of(lm, lm, questions[:2], args.max_new_tokens)  # warm-up (and graph capture)
 

@@ -1,6 +1,6 @@
 """Time per generated token of live routing's small-model drafting, against plain generate.
 
-route.py drafts one step at a time with the KV cache carried over (rollout.StepDrafter),
+route.py drafts one step at a time with the KV cache carried over (engine.StepDrafter),
 computes the state features and runs the policy after every step. This script times that
 loop (the policy never escalates here, so the small model writes the whole solution) and
 plain `model.generate` writing the same number of tokens for the same prompt, both at batch
@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import engine  # noqa: E402
 import rollout  # noqa: E402
 from train_policy import Policy, state_features  # noqa: E402
 
@@ -28,7 +29,7 @@ from train_policy import Policy, state_features  # noqa: E402
 def drafting(lm, policy, prompt, max_new):
     """route.py's small-model loop: draft a step, features, policy, accept."""
     t = time.perf_counter()
-    drafter, steps = rollout.StepDrafter(lm, prompt, max_new), []
+    drafter, steps = engine.StepDrafter(lm, prompt, max_new), []
     while (step := drafter.next_step()) is not None:
         steps.append(step)
         feats = state_features(len(prompt), steps, drafter.ended)
@@ -56,9 +57,9 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     args = p.parse_args()
-    lm = rollout.load_lm(args.model, args.device, args.dtype)
+    lm = rollout.load_model(args.model, None, args, args.device)
     policy = Policy().eval()  # untrained: only its cost matters here
-    rollout.newline_flags(lm)
+    engine.newline_flags(lm)
     questions = rollout.load_questions(args.dataset, "test", limit=args.questions)
     prompts = [rollout.encode_prompt(lm.tokenizer, q["question"]) for q in questions]
     drafting(lm, policy, prompts[0], 8)  # warm-up

@@ -23,6 +23,7 @@ def tiny_pool():
 def tiny_table(tiny_pool, tmp_path_factory):
     """rollout.py run end to end on 8 held-out questions of the tiny pool."""
     import rollout
+    from table import read_table
     from tinymodel import write_questions_jsonl
     d = tmp_path_factory.mktemp("table")
     data = write_questions_jsonl(d / "q.jsonl", tiny_pool["questions"][:8])
@@ -30,11 +31,13 @@ def tiny_table(tiny_pool, tmp_path_factory):
     rollout.main(["--dataset", str(data), "--small", str(tiny_pool["small"]),
                   "--large", str(tiny_pool["large"]), "--out", str(out), "--dtype", "float32",
                   "--max-new-tokens", "96", "--batch-size", "3", "--chunk-size", "5"])
-    return {"data": data, "out": out, "records": rollout.read_table(out)}
+    return {"data": data, "out": out, "records": read_table(out)}
 
 
 @pytest.fixture(scope="session")
 def tiny_lms(tiny_pool):
-    from rollout import load_lm
-    return load_lm(str(tiny_pool["small"]), "cpu", "float32"), \
-        load_lm(str(tiny_pool["large"]), "cpu", "float32")
+    from types import SimpleNamespace
+    from rollout import load_model  # the engine's LM, given the method's prompt and step rule
+    args = SimpleNamespace(dtype="float32")
+    return load_model(str(tiny_pool["small"]), None, args, "cpu"), \
+        load_model(str(tiny_pool["large"]), None, args, "cpu")

@@ -16,8 +16,13 @@ from pathlib import Path
 
 import pytest
 
-import rollout
-from api_engine import ApiModel, bucket_entropy, ends_step_text, steps_from_entries
+import engine
+from api_engine import ApiModel, bucket_entropy, steps_from_entries
+from cli import UsageError
+from rollout import SYSTEM_PROMPT, ends_step
+from table import read_table
+
+METHOD = dict(system_prompt=SYSTEM_PROMPT, ends_step=ends_step)  # what rollout.load_model gives
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "smol"
@@ -122,10 +127,10 @@ def test_bucket_entropy_is_exact_with_the_whole_distribution_and_a_lower_bound_o
 
 
 def test_step_rule_on_token_bytes_matches_the_local_rule(tiny_lms):
-    """ends_step_text() on token texts cuts where rollout.step_ends() cuts token ids."""
+    """rollout.ends_step() on token bytes cuts where engine.step_ends() cuts token ids."""
     import random
     small, _ = tiny_lms
-    flags = rollout.newline_flags(small)
+    flags = engine.newline_flags(small)
     vocab = len(small.tokenizer)
     texts = small.tokenizer.batch_decode([[i] for i in range(vocab)], clean_up_tokenization_spaces=False)
     nl = [i for i, t in enumerate(texts) if "\n" in t]
@@ -133,18 +138,18 @@ def test_step_rule_on_token_bytes_matches_the_local_rule(tiny_lms):
     for _ in range(200):
         ids = [rng.choice(nl) if rng.random() < 0.3 else rng.randrange(vocab) for _ in range(30)]
         entries = [(texts[i].encode(), -0.1, [-0.1]) for i in ids]
-        cut = [sum(s["tokens"] for s in steps_from_entries(entries)[:j + 1])
-               for j in range(len(steps_from_entries(entries)))]
-        assert cut == rollout.step_ends(flags, ids)
+        cut = [sum(s["tokens"] for s in steps_from_entries(entries, ends_step)[:j + 1])
+               for j in range(len(steps_from_entries(entries, ends_step)))]
+        assert cut == engine.step_ends(flags, ids)
 
 
 # ---------------------------------------------------------------------------- a real server
 def test_model_reads_the_server(server):
-    m = ApiModel(NAME, server.url)
+    m = ApiModel(NAME, server.url, **METHOD)
     assert m.continuation == "completions" and m.params and m.params > 100_000_000
     assert m.pool_entry()["base_url"] == server.url and "key" not in json.dumps(m.pool_entry())
-    with pytest.raises(rollout.UsageError, match="does not serve model 'nope'"):
-        ApiModel("nope", server.url)
+    with pytest.raises(UsageError, match="does not serve model 'nope'"):
+        ApiModel("nope", server.url, **METHOD)
 
 
 def test_rollout_through_the_server_is_a_valid_table(server, questions, tmp_path):
@@ -152,9 +157,9 @@ def test_rollout_through_the_server_is_a_valid_table(server, questions, tmp_path
     r = run(rollout_cmd(questions, out, server.url, server.url))
     assert r.returncode == 0, r.stderr
     assert "questions: 4/4 done" in r.stderr  # a progress line per question, also off a terminal
-    recs = rollout.read_table(out)
+    recs = read_table(out)
     assert len(recs) == 4 and {rec["pool"]["small"]["backend"] for rec in recs} == {"api"}
-    model = ApiModel(NAME, server.url)
+    model = ApiModel(NAME, server.url, **METHOD)
     for rec in recs:
         steps = rec["small"]["steps"]
         assert len(rec["escalations"]) == len(steps) >= 1
@@ -182,7 +187,7 @@ def test_mixed_pool_small_local_large_served(server, questions, tiny_pool, tmp_p
              "--small", str(tiny_pool["small"]), "--dtype", "float32", "--large", NAME,
              "--large-api", server.url, "--max-new-tokens", "48", "--limit", "2"])
     assert r.returncode == 0, r.stderr
-    recs = rollout.read_table(out)
+    recs = read_table(out)
     assert recs[0]["pool"]["small"]["backend"] == "local" and recs[0]["pool"]["large"]["backend"] == "api"
     assert all(len(rec["escalations"]) == len(rec["small"]["steps"]) for rec in recs)
 
@@ -257,7 +262,7 @@ def test_retries_through_429_500_and_slow_answers_give_the_same_table(server, qu
     assert r.returncode == 0, r.stderr
     faults = [f for _, f in proxy.seen if f != "ok"]
     assert sorted(faults) == sorted(["429", "500", "slow", "429", "500"])
-    assert sorted(map(core, rollout.read_table(out))) == sorted(map(core, rollout.read_table(clean)))
+    assert sorted(map(core, read_table(out))) == sorted(map(core, read_table(clean)))
 
 
 def test_a_server_without_logprobs_is_one_line(server, questions, tmp_path):
@@ -294,7 +299,7 @@ def test_server_killed_mid_run_then_resumed(questions, tmp_path):
     assert proc.returncode == 2, err
     last = err.strip().splitlines()[-1]
     assert "no answer after 2 tries" in last and "run again to resume" in last
-    kept = rollout.read_table(out)
+    kept = read_table(out)
     assert 1 <= len(kept) < 4
     srv.start()  # the same server again, on the same port
     try:
@@ -302,7 +307,7 @@ def test_server_killed_mid_run_then_resumed(questions, tmp_path):
     finally:
         srv.stop()
     assert r.returncode == 0, r.stderr
-    recs = rollout.read_table(out)  # read_table refuses duplicate ids
+    recs = read_table(out)  # read_table refuses duplicate ids
     assert sorted(x["id"] for x in recs) == [f"q/test/{i}" for i in range(4)]
     assert [core(x) for x in recs[:len(kept)]] == [core(x) for x in kept]  # kept as they were
 
@@ -341,7 +346,7 @@ def test_route_through_the_server_reproduces_the_table(server, questions, tmp_pa
     out = tmp_path / "t.jsonl"
     assert run(rollout_cmd(questions, out, server.url, server.url, "--limit", "2")).returncode == 0
     checked = 0
-    for rec in rollout.read_table(out):
+    for rec in read_table(out):
         steps = rec["small"]["steps"]
         for k in sorted({0, len(steps) // 2 + 1, len(steps) + 1}):
             r = run([sys.executable, str(ROOT / "route.py"), "--small", NAME, "--small-api", server.url,

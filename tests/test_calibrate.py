@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import calibrate as cb  # noqa: E402
 import train_policy as tp  # noqa: E402
-from rollout import UsageError  # noqa: E402
+import table as tb  # noqa: E402
+from cli import UsageError  # noqa: E402
 from synthetic import make_records, run_parallel, write_jsonl  # noqa: E402
 
 torch.set_num_threads(1)
@@ -24,7 +25,7 @@ FLOPS = SimpleNamespace(prompt_cost=0.0, price_small=None, price_large=None)
 
 
 def table_of(records):
-    return tp.build_table(records, tp.pricing_from_args(FLOPS, records))
+    return tp.build_table(records, tb.pricing_from_args(FLOPS, records))
 
 
 def test_first_crossing_by_hand():
@@ -44,7 +45,7 @@ def test_sweep_equals_first_crossing_scoring():
     scores = torch.randint(0, 20, tab.mask.shape, generator=gen).double() / 20   # many ties
     grid = torch.linspace(-0.1, 1.1, 57, dtype=torch.float64)
     fast = cb.sweep(tab, scores, grid)
-    slow = cb.score_routes(tab, cb.first_crossing(scores, tab.mask, grid))
+    slow = tb.score_routes(tab, cb.first_crossing(scores, tab.mask, grid))
     for k in ("accuracy", "relative_cost", "large_share"):
         assert torch.allclose(fast[k], slow[k], rtol=1e-12, atol=1e-12), k
     # the ends of the sweep are the small model and "escalate at step 1"
@@ -135,7 +136,7 @@ def test_calibrated_policy_meets_target_and_beats_single_features(trained, capsy
         assert cal["met"] and cal["accuracy"] >= cal["target"]
         assert cal["target"] == pytest.approx(rel * calib.large_correct.mean().item())
         p = tp.policy_probs(policy, test)
-        outcomes[delta] = cb.score_routes(test, cb.first_crossing(p, test.mask, torch.tensor([cal["kappa"]], dtype=torch.float64)))
+        outcomes[delta] = tb.score_routes(test, cb.first_crossing(p, test.mask, torch.tensor([cal["kappa"]], dtype=torch.float64)))
         outcomes[delta]["calib_cost"] = cal["relative_cost"]
     assert "<- chosen" in capsys.readouterr().out
     test_target = rel * test.large_correct.mean().item()
@@ -258,11 +259,11 @@ def test_overlap_with_training_questions_is_refused(tmp_path):
         cb.main(argv)
     assert cb.main(argv + ["--allow-overlap"]) == 0
     cal = json.loads((tmp_path / "c.json").read_text())
-    assert cal["question_hashes"] == [tp.question_hash(r["question"]) for r in clash]
+    assert cal["question_hashes"] == [tb.question_hash(r["question"]) for r in clash]
 
 
 def test_question_hash_normalises():
-    h = tp.question_hash
+    h = tb.question_hash
     assert h("What is  2+2?") == h(" what is 2+2? ") == h("WHAT\tIS\n2+2?") == h("What is 2\uff0b2?")
     assert h("What is 2+2?") != h("What is 2+3?")
     assert len(h("x")) == 64

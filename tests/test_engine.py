@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-import rollout
-from rollout import (BUCKET, SlotEngine, StepDrafter, auto_batch_size, encode_prompt,
-                     generate_all, prefix_families)
+import engine
+from cli import UsageError
+from engine import (BUCKET, SlotEngine, StepDrafter, auto_batch_size, generate_all,
+                    prefix_families)
+from rollout import encode_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +85,7 @@ def test_auto_batch_size(tiny_lms, monkeypatch):
     import torch
     small, large = tiny_lms
     assert auto_batch_size([(small, 1000)], "cpu") == 16
-    per_token = rollout.kv_bytes_per_token(small.model)
+    per_token = engine.kv_bytes_per_token(small.model)
     cfg = small.model.config
     assert per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * \
         (cfg.hidden_size // cfg.num_attention_heads) * 4  # float32
@@ -93,7 +95,7 @@ def test_auto_batch_size(tiny_lms, monkeypatch):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (int(f) + 1, 0))
         assert auto_batch_size([(small, 1000)], "cuda") == expect
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (per_slot // 2, 0))
-    with pytest.raises(rollout.UsageError, match="batch-size auto"):
+    with pytest.raises(UsageError, match="batch-size auto"):
         auto_batch_size([(small, 1000)], "cuda")
 
 
@@ -162,11 +164,11 @@ def test_finish_shard_merges_once(tmp_path):
     out = tmp_path / "t.jsonl"
     recs = [{"id": f"q{i}"} for i in range(4)]
     for rank in range(2):
-        rollout.part_path(out, rank, 2).write_text(
+        engine.part_path(out, rank, 2).write_text(
             "".join(json.dumps(r) + "\n" for r in recs[rank::2]))
-    assert rollout.finish_shard(out, 0, 2, ["q0", "q1", "q2", "q3"]) is False  # 1 not done
+    assert engine.finish_shard(out, 0, 2, ["q0", "q1", "q2", "q3"]) is False  # 1 not done
     assert not out.exists()
-    assert rollout.finish_shard(out, 1, 2, ["q0", "q1", "q2", "q3"]) is True
+    assert engine.finish_shard(out, 1, 2, ["q0", "q1", "q2", "q3"]) is True
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["q0", "q1", "q2", "q3"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.jsonl"]
 
@@ -193,5 +195,5 @@ def test_unsupported_attention_is_refused(tiny_lms, monkeypatch):
     """Soft-capped logits or sliding-window layers would be decoded wrongly: a clear error."""
     small, _ = tiny_lms
     monkeypatch.setattr(small.model.config, "final_logit_softcapping", 30.0, raising=False)
-    with pytest.raises(rollout.UsageError, match="soft-capping and sliding-window"):
+    with pytest.raises(UsageError, match="soft-capping and sliding-window"):
         SlotEngine(small, slots=2, length=BUCKET)

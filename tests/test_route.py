@@ -138,7 +138,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path):
 
 def one_line_exit_2(argv, capsys, cwd=None, monkeypatch=None):
     """Run route.main as the CLI does, in this process; the error line and the seconds taken."""
-    from rollout import run_cli
+    from cli import run_cli
     if cwd is not None:
         monkeypatch.chdir(cwd)
     t = time.perf_counter()

@@ -14,7 +14,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_policy as tp  # noqa: E402
-from rollout import UsageError  # noqa: E402
+import table as tb  # noqa: E402
+from cli import UsageError  # noqa: E402
 from synthetic import POOL, make_records, record, run_parallel, step, write_jsonl  # noqa: E402
 
 torch.set_num_threads(1)
@@ -22,7 +23,7 @@ FLOPS = SimpleNamespace(prompt_cost=0.0, price_small=None, price_large=None)
 
 
 def table_of(records, args=FLOPS):
-    return tp.build_table(records, tp.pricing_from_args(args, records))
+    return tp.build_table(records, tb.pricing_from_args(args, records))
 
 
 def test_state_features_by_name():
@@ -83,7 +84,7 @@ def test_training_cost_is_the_reported_relative_cost():
     Here the all-large costs differ threefold (a per-question normalisation gives another number)."""
     recs = [record("a", [step(10), step(10)], [(10, True), (5, False)], small_correct=False),
             record("b", [step(30)], [(30, True)], small_correct=True)]
-    t = tp.build_table(recs, tp.Pricing(0.0, 1.0, 0.0, 10.0, unit="dollars"))
+    t = tp.build_table(recs, tb.Pricing(0.0, 1.0, 0.0, 10.0, unit="dollars"))
     assert t.large_cost.tolist() == [100.0, 300.0]
     correct, cost = tp.episode_values(t)
     # a: escalate at 1 (10 + 100), at 2 (20 + 50), never (20); b: at 1 (30 + 300), never (30)
