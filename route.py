@@ -86,7 +86,7 @@ def served_model(name: str, url: str, args, say):
             from serve_gguf import start_server
             say(f"starting llama.cpp's server for {gguf.name} on port {where.port}")
             SERVERS.append(start_server(str(gguf), name, where.port, threads=os.cpu_count() or 1,
-                                        parallel=1, ctx_per_slot=4096))
+                                        parallel=1, ctx_per_slot=4096, prompt_cache=False))
     return load_model(name, url, args)
 
 

@@ -18,19 +18,25 @@ machine); two threads on a busy 2-core machine ran 15x slower than one here.
 """
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import time
 from pathlib import Path
 
-from cli import UsageError, run_cli
+from cli import UsageError, make_parser, run_cli
 
 
 def start_server(gguf: str, name: str | None = None, port: int = 18101, threads: int = 1,
-                 parallel: int = 4, ctx_per_slot: int = 2048, host: str = "127.0.0.1"):
+                 parallel: int = 4, ctx_per_slot: int = 2048, host: str = "127.0.0.1",
+                 prompt_cache: bool = True):
     """Start llama.cpp's server on `gguf` inside this process; it listens until the returned
-    object is garbage-collected. `name` is the model id the server answers to."""
+    object is garbage-collected. `name` is the model id the server answers to.
+
+    With several slots, or with its prompt cache on, llama.cpp's answer to a request can
+    depend on the requests before and beside it (what shared its batch; which earlier
+    prompt's keys/values its slot reuses). One slot and no prompt cache make every answer a
+    function of its request alone: the setting for tests and for tables that must be
+    rebuilt token for token."""
     try:
         import xllamacpp as xlc
     except ImportError:
@@ -47,7 +53,7 @@ def start_server(gguf: str, name: str | None = None, port: int = 18101, threads:
     p.n_ctx = parallel * ctx_per_slot  # shared by the slots
     p.cpuparams.n_threads = threads
     p.cpuparams_batch.n_threads = threads
-    p.cache_prompt = True  # a question's continuation prompts share their beginnings
+    p.cache_prompt = prompt_cache  # a question's continuation prompts share their beginnings
     try:
         return xlc.Server(p)
     except Exception as err:  # noqa: BLE001 - llama.cpp's errors are not typed
@@ -55,9 +61,7 @@ def start_server(gguf: str, name: str | None = None, port: int = 18101, threads:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="example:\n  python serve_gguf.py model.gguf --name small --port 18101")
+    ap = make_parser(__doc__)
     ap.add_argument("gguf", help="the .gguf file to serve")
     ap.add_argument("--name", default=None, help="model id the server answers to (default: the file's stem)")
     ap.add_argument("--port", type=int, default=18101, help="port on 127.0.0.1 (default: 18101)")
@@ -66,9 +70,12 @@ def main(argv=None) -> int:
                     help="sequences decoded together (server slots; default: 4)")
     ap.add_argument("--ctx-per-slot", type=int, default=2048,
                     help="context length of each slot, prompt + generation (default: 2048)")
+    ap.add_argument("--no-prompt-cache", action="store_true",
+                    help="do not reuse an earlier prompt's keys/values; with --parallel 1 every "
+                         "answer is then reproducible")
     args = ap.parse_args(argv)
     server = start_server(args.gguf, args.name, args.port, args.threads, args.parallel,
-                          args.ctx_per_slot)
+                          args.ctx_per_slot, prompt_cache=not args.no_prompt_cache)
     print(f"serving {args.name or Path(args.gguf).stem} at http://127.0.0.1:{args.port}/v1",
           flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -52,10 +52,10 @@ class Server:
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # one slot, no prompt cache: each answer is reproducible
             [sys.executable, str(ROOT / "serve_gguf.py"), str(self.gguf), "--name", NAME,
-             "--port", str(self.port), "--threads", "1", "--parallel", "4",
-             "--ctx-per-slot", "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--port", str(self.port), "--threads", "1", "--parallel", "1", "--no-prompt-cache",
+             "--ctx-per-slot", "2048"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
