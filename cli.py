@@ -93,15 +93,15 @@ def add_api_args(p) -> None:
                    help="environment variable holding the key (default: OPENAI_API_KEY if set; "
                         "local servers need none)")
     g.add_argument("--top-logprobs", type=int, default=20,
-                   help="top log-probabilities per token asked of the small model's server; "
+                   help="top log-probabilities per token asked of the small model's server (default 20); "
                         "entropies are computed over them plus one bucket for the rest")
     g.add_argument("--continuation", default="auto", choices=["auto", "completions", "prefill", "instruct"],
                    help="how the large model continues accepted steps: raw completions of the "
                         "templated prompt, a continued assistant message, or an instruction "
                         "(auto: the first the server allows)")
-    g.add_argument("--concurrency", type=int, default=16, help="requests in flight per server")
+    g.add_argument("--concurrency", type=int, default=16, help="requests in flight per server (default 16)")
     g.add_argument("--max-retries", type=int, default=6,
-                   help="retries of a failed request (429, 5xx, timeouts) before the run stops")
+                   help="retries of a failed request (429, 5xx, timeouts) before the run stops (default 6)")
 
 
 class Progress:

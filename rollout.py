@@ -28,7 +28,6 @@ so an interrupted run resumes without losing or duplicating anything.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -36,7 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli import ArgumentParser, Progress, UsageError, add_api_args, hub_online, run_cli
+from cli import Progress, UsageError, add_api_args, hub_online, make_parser, run_cli
 from engine import (LM, Continuation, finish_shard, load_lm, merge_parts, part_files, part_path,
                     resolve_device, shard_of_env, size_engines)
 from table import SCHEMA, append_record, check_resumable
@@ -50,39 +49,38 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 # Config: every flag of the stage and its default, in one place.
 # ----------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = ArgumentParser(
-        description="Record exact step trajectories: the small model's solution split into "
-                    "steps, and the large model's continuation after every prefix.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--dataset", required=True,
                    help=f"one of {', '.join(DATASETS)}, or a .jsonl file with question/answer")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None, help="at most this many questions")
-    p.add_argument("--offset", type=int, default=0, help="skip this many questions first")
+    p.add_argument("--split", default="test", help="the dataset's split (default test)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many questions (default: all)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many questions first (default 0)")
     p.add_argument("--small", default=DEFAULT_SMALL,
                    help="hub id, model folder or .gguf file; with --small-api, the model the "
-                        "server serves")
+                        f"server serves (default {DEFAULT_SMALL})")
     p.add_argument("--large", default=DEFAULT_LARGE,
                    help="hub id, model folder or .gguf file; with --large-api, the model the "
-                        "server serves")
+                        f"server serves (default {DEFAULT_LARGE})")
     p.add_argument("--out", required=True, help="schema-1 JSONL table (appended to; resumable)")
     add_api_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, default=1024,
+                   help="token limit of every generation (default 1024)")
     p.add_argument("--batch-size", default="16",
                    help="sequences decoded together (slots), or 'auto': as many as free GPU "
-                        "memory holds (up to 512; 16 on a CPU)")
+                        "memory holds (up to 512; 16 on a CPU) (default 16)")
     p.add_argument("--chunk-size", default="auto",
-                   help="questions per round (their lines are written when it ends; the small "
-                        "model's solutions of a round are decoded together); auto: the larger "
-                        "of 64 and the batch size")
+                   help="questions per round: the small model's solutions of a round are "
+                        "decoded together, then their continuations; each question's line is "
+                        "written as soon as its last continuation is done (default auto: the "
+                        "larger of 64 and the batch size)")
     p.add_argument("--compile", action="store_true",
                    help="decode through CUDA graphs captured once per cache-length bucket "
                         "(GPU only; removes the kernel-launch overhead of eager decoding)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--dtype", default="auto",
                    help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), "
-                        "bfloat16, float16, float32")
-    p.add_argument("--seed", type=int, default=0)
+                        "bfloat16, float16, float32 (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of torch and of servers (default 0)")
     args = p.parse_args(argv)
     for flag in ("batch_size", "chunk_size"):
         value = getattr(args, flag)
