@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from table import (Pricing, Table, add_pricing_args, add_target_args, load_records, outcome_columns,
-                   outcome_table, resolve_target)
+                   outcome_table, prm_price_from_args, resolve_target)
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,8 +114,8 @@ class FeatureTable(Table):
     features: torch.Tensor = None   # [Q,T,F] float32, raw state_features of each drafted step
 
 
-def build_table(records: list[dict], pricing: Pricing) -> FeatureTable:
-    outcomes = outcome_table(records, pricing)
+def build_table(records: list[dict], pricing: Pricing, prm_price: float | None = None) -> FeatureTable:
+    outcomes = outcome_table(records, pricing, prm_price)
     feats = torch.zeros(outcomes.Q, outcomes.T, len(FEATURE_NAMES), dtype=torch.float32)
     for i, rec in enumerate(records):
         steps, n = rec["small"]["steps"], len(rec["small"]["steps"])
@@ -129,7 +129,7 @@ def build_table(records: list[dict], pricing: Pricing) -> FeatureTable:
 def load_table(path, args) -> FeatureTable:
     """read_table + pricing flags -> FeatureTable (what every table stage starts with)."""
     records, pricing = load_records(path, args)
-    return build_table(records, pricing)
+    return build_table(records, pricing, prm_price_from_args(args, pricing, records))
 
 
 # ----------------------------------------------------------------------------------------
