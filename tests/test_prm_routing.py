@@ -151,3 +151,115 @@ def test_with_prm_cost_columns_by_hand():
     assert (p.small_cost / unit).tolist() == pytest.approx([80, 65, 0, 140])
     assert (p.esc_cost[0, :2] / unit).tolist() == pytest.approx([210 + 40, 120 + 60])
     assert torch.equal(p.large_cost, t.large_cost) and tb.with_prm_cost(p) is p
+
+
+# ---------------------------------------------------------------------------- rollout.py
+def strip_prm(rec: dict) -> dict:
+    """A record without what the PRM adds (pool.prm, the step and prompt PRM keys, settings.prm)."""
+    rec = copy.deepcopy(rec)
+    rec["pool"].pop("prm", None)
+    rec["small"].pop("prm_prompt_tokens", None)
+    rec.get("settings", {}).pop("prm", None)
+    for s in rec["small"]["steps"]:
+        s.pop("prm_score", None)
+        s.pop("prm_tokens", None)
+    return rec
+
+
+@pytest.fixture(scope="module")
+def tiny_prm(tmp_path_factory):
+    import prm as prm_lib
+    from tinyprm import build_tiny_prm
+    folder = build_tiny_prm(tmp_path_factory.mktemp("tinyprm") / "prm")
+    return folder, prm_lib.load_prm(str(folder))
+
+
+def check_scores(records, prm):
+    import prm as prm_lib
+    assert any(r["small"]["steps"] for r in records)
+    for rec in records:
+        steps = [s["text"] for s in rec["small"]["steps"]]
+        assert rec["pool"]["prm"] == prm.pool_entry and prm_lib.has_prm(rec)
+        assert [s["prm_score"] for s in rec["small"]["steps"]] == pytest.approx(
+            prm_lib.score_steps(prm, rec["question"], steps), abs=1e-5)
+        e = prm_lib.encode(prm, rec["question"], steps)
+        assert [s["prm_tokens"] for s in rec["small"]["steps"]] == e.step_tokens
+        assert rec["small"]["prm_prompt_tokens"] == e.prompt_tokens
+
+
+def test_rollout_with_prm_scores_every_drafted_step(tiny_pool, tiny_table, tiny_prm, tmp_path):
+    import rollout
+    from table import read_table
+    folder, prm = tiny_prm
+    out = tmp_path / "t.jsonl"
+    argv = ["--dataset", str(tiny_table["data"]), "--small", str(tiny_pool["small"]),
+            "--large", str(tiny_pool["large"]), "--dtype", "float32", "--max-new-tokens", "96",
+            "--batch-size", "3", "--chunk-size", "5", "--limit", "3", "--prm", str(folder)]
+    assert rollout.main([*argv, "--out", str(out)]) == 0
+    records = read_table(out)
+    assert len(records) == 3
+    check_scores(records, prm)
+    assert all(r["settings"]["prm"] == str(folder) for r in records)
+    # the same questions, the same table, but for what the PRM adds
+    base = {r["id"]: r for r in tiny_table["records"]}   # lines are written as questions finish
+    stats = ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy")
+    for rec in records:     # other batches (3 questions, not 8): the same text, floats to rounding
+        mine, ref = strip_prm(rec), copy.deepcopy(base[rec["id"]])
+        for a, b in zip(mine["small"]["steps"], ref["small"]["steps"]):
+            assert [a.pop(k) for k in stats] == pytest.approx([b.pop(k) for k in stats], abs=1e-4)
+        assert mine == ref
+    # resuming with another PRM (or none) is refused: the table was scored by this one
+    other = tmp_path / "other"
+    import shutil
+    shutil.copytree(folder, other)
+    for extra in (["--prm", str(other)], []):
+        with pytest.raises(UsageError, match="another pool|other settings"):
+            rollout.main([*argv[:-2], *extra, "--limit", "4", "--out", str(out)])
+
+
+def test_rescore_adds_scores_and_changes_nothing_else(tiny_table, tiny_prm, tmp_path):
+    import gzip
+    import shutil
+    import rollout
+    from table import read_table
+    folder, prm = tiny_prm
+    out = tmp_path / "scored.jsonl"
+    assert rollout.main(["--prm", str(folder), "--rescore", str(tiny_table["out"]), "--out", str(out),
+                         "--prm-batch-size", "3"]) == 0
+    records = read_table(out)
+    assert [strip_prm(r) for r in records] == tiny_table["records"]
+    check_scores(records, prm)
+    assert read_table(tiny_table["out"]) == tiny_table["records"]          # the input untouched
+    # in place, compressed: OUT is TABLE, still gzip, the same scores
+    gz = tmp_path / "table.jsonl.gz"
+    with open(tiny_table["out"], "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert rollout.main(["--prm", str(folder), "--rescore", str(gz)]) == 0
+    with gzip.open(gz, "rt") as f:
+        assert f.readline().startswith("{")
+    again = read_table(gz)
+    assert [strip_prm(r) for r in again] == tiny_table["records"]
+    check_scores(again, prm)                         # (batches of 8 here, of 3 above)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # the scored table gives evaluate.py its prm method
+    assert ev.main(["--data", str(out), "--out", str(tmp_path / "e"), "--bootstrap", "0"]) == 0
+    assert "prm" in json.loads((tmp_path / "e" / "eval.json").read_text())["methods"]
+
+
+def test_rollout_prm_bad_input_one_line_exit_2(tiny_pool, tiny_table, tiny_prm, tmp_path):
+    table = str(tiny_table["out"])
+    cases = [(["--rescore", table], "--rescore TABLE needs --prm MODEL"),
+             (["--prm", str(tiny_pool["small"]), "--rescore", table],
+              "only the Qwen2.5-Math-PRM family"),
+             (["--prm", str(tmp_path / "nowhere"), "--rescore", table], "not a model folder"),
+             (["--prm", str(tiny_prm[0]), "--rescore", str(tmp_path / "missing.jsonl")], "no such file"),
+             (["--prm", str(tiny_prm[0]), "--dataset", str(tiny_table["data"]), "--small",
+               str(tiny_pool["small"]), "--out", str(tmp_path / "x.jsonl"), "--dtype", "float32",
+               "--prm", str(tiny_pool["large"])], "only the Qwen2.5-Math-PRM family"),
+             (["--prm", str(tiny_prm[0])], "the following arguments are required: --dataset, --out")]
+    runs = run_parallel([["rollout.py", *argv] for argv, _ in cases], cwd=ROOT)
+    for res, (argv, message) in zip(runs, cases):
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1, (argv, res.stderr)
+        assert lines[0].startswith("rollout.py: error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "x.jsonl").exists()
