@@ -84,7 +84,8 @@ from cli import UsageError, check_range, make_parser, plural, run_cli
 from report import plot_escalation_steps, plot_tradeoff, write_markdown
 from table import (Table, add_pricing_args, aggregate, check_overlap, first_crossing, outcome_columns,
                    route_outcomes, target_of, with_prm_cost)
-from train_policy import FEATURE_NAMES, escalation_distribution, load_policy, load_table, policy_probs
+from train_policy import (FEATURE_NAMES, escalation_distribution, load_policy, load_table, policy_probs,
+                          uses_prm)
 
 # method -> (feature, sign): escalate at the first step with sign * stat >= sign * tau
 HANDCRAFTED = {"mean_logprob": ("draft_mean_logprob", -1), "min_logprob": ("draft_min_logprob", -1),
@@ -111,9 +112,11 @@ def has_prm_router(table: Table) -> bool:
     return table.prm_score is not None and table.prm_price is not None
 
 
-def scored_table(table: Table, name: str) -> Table:
-    """The table a router is scored on: with the PRM's cost for the routers that consult it."""
-    return with_prm_cost(table) if name in PRM_METHODS else table
+def scored_table(table: Table, name: str, policy=None) -> Table:
+    """The table a router is scored on: with the PRM's cost for the routers that consult it
+    (prm, policy+prm, and a --policy trained --with-prm)."""
+    prm = name in PRM_METHODS or (name == "policy" and policy is not None and uses_prm(policy))
+    return with_prm_cost(table) if prm else table
 
 
 # ----------------------------------------------------------------------------------------
@@ -176,7 +179,8 @@ def score_methods(table: Table, policy=None, kappa=None, policy_prm=None) -> dic
         grid = threshold_grid(p, table.mask, 101)
         grid = torch.unique(torch.cat([grid, torch.tensor([0.0] + ([kappa] if kappa is not None else []),
                                                           dtype=torch.float64)]))
-        methods["policy"] = (grid.tolist(), route_outcomes(table, first_crossing(p, table.mask, grid)))
+        methods["policy"] = (grid.tolist(), route_outcomes(scored_table(table, "policy", policy),
+                                                           first_crossing(p, table.mask, grid)))
     return methods
 
 
@@ -215,7 +219,7 @@ def apply_knob(table: Table, name: str, knob, policy=None) -> dict:
     if name == "random":
         return random_outcomes(table, [knob])
     kappa = torch.tensor([knob], dtype=torch.float64)
-    return route_outcomes(scored_table(table, name),
+    return route_outcomes(scored_table(table, name, policy),
                           first_crossing(method_scores(table, name, policy), table.mask, kappa))
 
 
@@ -349,6 +353,9 @@ def prm_policy(args, table: Table, calib):
     policy = load_policy(args.policy_prm)
     check_overlap(table.hashes, args.data, [(f"{args.policy_prm} (its training questions)",
                                              policy.meta.get("question_hashes"))], args.allow_overlap)
+    if not uses_prm(policy):
+        raise UsageError(f"--policy-prm {args.policy_prm}: the policy reads none of the PRM's "
+                         f"features (train it with train_policy.py --with-prm)")
     if not has_prm_router(table):
         print(f"warning: {args.data} has no PRM scores on every question (rollout.py --prm / "
               f"--rescore), or they have no price: policy+prm is skipped", file=sys.stderr)
@@ -382,6 +389,9 @@ def main(argv=None):
         check_overlap(calib.hashes, args.calib_data, earlier[:1], args.allow_overlap)
     if policy is not None:
         warn_pool(policy, table, args.data)
+        if uses_prm(policy) and not has_prm_router(table):
+            raise UsageError(f"--policy {args.policy} reads the PRM's scores, which {args.data} lacks "
+                             f"(or, with dollar pricing, has no --price-prm)")
     policy_prm = prm_policy(args, table, calib)
     if cal is not None and cal.get("pricing") not in (None, asdict(table.pricing)):
         print(f"warning: {args.calibration} was calibrated with pricing {cal['pricing']}, "

@@ -263,3 +263,77 @@ def test_rollout_prm_bad_input_one_line_exit_2(tiny_pool, tiny_table, tiny_prm, 
         assert res.returncode == 2 and len(lines) == 1, (argv, res.stderr)
         assert lines[0].startswith("rollout.py: error: ") and message in lines[0], lines[0]
     assert not (tmp_path / "x.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------- policy+prm
+def hand_prm_policy(path):
+    """p = sigmoid(-10 * draft_prm_score + 5): p >= kappa  <=>  score <= a threshold, so every
+    point of policy+prm is a point of the prm router (whose costs are worked out above)."""
+    pol = tp.Policy(["draft_prm_score"], hidden=[])
+    with torch.no_grad():
+        pol.net[0].weight.fill_(-10.0)
+        pol.net[0].bias.fill_(5.0)
+    tp.save_policy(path, pol, {"note": "hand-set"})
+    return str(path)
+
+
+def test_policy_prm_scored_and_calibrated_with_the_prm_cost(prm_eval, tmp_path):
+    d, _ = prm_eval
+    data = str(d / "hand.jsonl")
+    pp = hand_prm_policy(tmp_path / "pp.pt")
+    assert ev.main(["--data", data, "--policy", str(d / "policy.pt"), "--calibration", str(d / "cal.json"),
+                    "--calib-data", data, "--allow-overlap", "--policy-prm", pp, "--out", str(tmp_path / "e"),
+                    "--bootstrap", "0", *DOLLARS, *PRICE_PRM]) == 0
+    res = json.loads((tmp_path / "e" / "eval.json").read_text())
+    pts = res["methods"]["policy+prm"]
+    prm_points = {(round(p["accuracy"], 9), round(p["relative_cost"], 9)) for p in res["methods"]["prm"]}
+    assert all((round(p["accuracy"], 9), round(p["relative_cost"], 9)) in prm_points for p in pts)
+    assert has(pts, NEVER) and has(pts, CHEAP)
+    assert point(res["calibrated"]["policy+prm"]) == approx(CHEAP)         # as the prm router's
+    assert "| policy+prm |" in (tmp_path / "e" / "eval.md").read_text()
+    # a policy without the PRM's features is not a policy+prm
+    with pytest.raises(UsageError, match="reads none of the PRM's features"):
+        ev.main(["--data", data, "--policy-prm", str(d / "policy.pt"), "--out", str(tmp_path / "f"),
+                 *DOLLARS, *PRICE_PRM])
+
+
+def synthetic_with_prm(n, seed, prefix):
+    from synthetic import make_records
+    recs = make_records(n, seed, id_prefix=prefix)
+    for r in recs:
+        r["pool"] = {**r["pool"], "prm": {"model": "syn/prm", "params": PRM_PARAMS}}
+        r["small"]["prm_prompt_tokens"] = 12
+        for s in r["small"]["steps"]:
+            s["prm_score"] = min(1.0, max(0.0, 1.0 + s["mean_logprob"] / 4))
+            s["prm_tokens"] = s["tokens"] + 1
+    return recs
+
+
+def test_with_prm_trains_calibrates_and_evaluates(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", synthetic_with_prm(80, 1, "tr"))
+    calib = write_jsonl(tmp_path / "calib.jsonl", synthetic_with_prm(40, 2, "ca"))
+    test = write_jsonl(tmp_path / "test.jsonl", synthetic_with_prm(40, 3, "te"))
+    pol = str(tmp_path / "pp.pt")
+    assert tp.main(["--train", train, "--out", pol, "--target-relative", "0.9", "--iters", "30",
+                    "--with-prm", "--features", "draft_mean_logprob,step"]) == 0
+    p = tp.load_policy(pol)
+    assert p.feature_names == ["draft_mean_logprob", "step", *tp.PRM_FEATURES] and tp.uses_prm(p)
+    assert p.meta["prm_price"] == 2.0 * PRM_PARAMS
+    assert cb.main(["--policy", pol, "--data", calib, "--target-relative", "0.9",
+                    "--out", str(tmp_path / "cal.json")]) == 0
+    assert ev.main(["--data", test, "--policy", pol, "--calibration", str(tmp_path / "cal.json"),
+                    "--calib-data", calib, "--policy-prm", pol, "--out", str(tmp_path / "e"),
+                    "--bootstrap", "0"]) == 0
+    res = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert {"prm", "policy+prm", "policy"} <= set(res["methods"])
+    assert {"prm", "policy+prm", "policy"} <= set(res["calibrated"])
+    # the same policy as --policy and as --policy-prm: the same points, both paying for the PRM
+    assert res["methods"]["policy+prm"][0]["relative_cost"] == pytest.approx(
+        next(q["relative_cost"] for q in res["methods"]["policy"] if q["knob"] == res["methods"]["policy+prm"][0]["knob"]))
+    # a table without scores: no policy+prm training
+    plain = write_jsonl(tmp_path / "plain.jsonl", hand_records())
+    with pytest.raises(UsageError, match="needs PRM scores on every question"):
+        tp.main(["--train", plain, "--out", str(tmp_path / "x.pt"), "--target-relative", "0.9",
+                 "--iters", "2", "--with-prm"])
+    with pytest.raises(UsageError, match="needs PRM scores on every question"):
+        cb.main(["--policy", pol, "--data", plain, "--target-relative", "0.9", "--out", str(tmp_path / "c2.json")])
