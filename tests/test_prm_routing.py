@@ -337,3 +337,33 @@ def test_with_prm_trains_calibrates_and_evaluates(tmp_path):
                  "--iters", "2", "--with-prm"])
     with pytest.raises(UsageError, match="needs PRM scores on every question"):
         cb.main(["--policy", pol, "--data", plain, "--target-relative", "0.9", "--out", str(tmp_path / "c2.json")])
+
+
+# ---------------------------------------------------------------------------- route.py
+def test_route_scores_each_draft_live_as_the_table_does(tiny_lms, tiny_table, tiny_prm):
+    """route() with a policy reading draft_prm_score (p = sigmoid(-10 s + 5)) and the tiny PRM:
+    each draft's live score is the PRM's score of the prefix, as rollout.py --prm writes it,
+    and it escalates at the first step with p >= kappa."""
+    import prm as prm_lib
+    import route as rt
+    small, large = tiny_lms
+    _, prm = tiny_prm
+    pol = tp.Policy(["draft_prm_score"], hidden=[])
+    with torch.no_grad():
+        pol.net[0].weight.fill_(-10.0)
+        pol.net[0].bias.fill_(5.0)
+    rec = next(r for r in tiny_table["records"] if len(r["small"]["steps"]) >= 2)
+    texts = [s["text"] for s in rec["small"]["steps"]]
+    table_scores = prm_lib.score_steps(prm, rec["question"], texts)
+    run = rt.route(rec["question"], small, large, pol.eval(), 1.0, 96, prm=prm)   # kappa 1: never
+    live = [s for s in run["steps"] if s["model"] == "small"]
+    assert [s["text"] for s in live] == texts
+    assert [s["prm_score"] for s in live] == pytest.approx(table_scores, abs=1e-5)
+    e = prm_lib.encode(prm, rec["question"], texts)
+    assert run["tokens"]["prm_read"] == e.prompt_tokens + sum(e.step_tokens)
+    p = [1 / (1 + math.exp(10 * s - 5)) for s in table_scores]
+    kappa = sorted(p)[len(p) // 2]
+    run = rt.route(rec["question"], small, large, pol.eval(), kappa, 96, prm=prm)
+    first = next(t for t, x in enumerate(p) if x >= kappa - 1e-9) + 1
+    assert run["escalated_at"] == first
+    assert run["tokens"]["prm_read"] == e.prompt_tokens + sum(e.step_tokens[:first])
