@@ -51,7 +51,7 @@ import torch
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from table import (Table, add_pricing_args, add_target_args, aggregate, check_overlap, first_crossing,
                    resolve_target, route_outcomes, sweep, target_of)
-from train_policy import load_policy, load_table, policy_probs
+from train_policy import load_policy, load_table, policy_probs, prm_table, uses_prm
 
 
 # ----------------------------------------------------------------------------------------
@@ -289,6 +289,8 @@ def main(argv=None):
 
     policy = load_policy(args.policy)
     table = load_table(args.data, args)
+    if uses_prm(policy):   # the policy consults the PRM at every step it scores: its cost too
+        table = prm_table(table, args.data)
     check_overlap(table.hashes, args.data,
                   [(f"{args.policy} (its training questions)", policy.meta.get("question_hashes"))],
                   args.allow_overlap)

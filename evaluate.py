@@ -22,6 +22,16 @@ rollout.py, with no LLM call:
   (quantiles of the statistic on the test steps, plus the two ends: always / never);
 - `oracle`: per question the cheapest correct outcome among escalating at any step, never
   escalating and the large model alone; where none is correct, never escalating;
+- `prm` (where every question of the table has process-reward-model scores, from rollout.py
+  --prm or --rescore): escalate at the first drafted step whose PRM score is strictly below
+  tau (a step scoring exactly tau is kept: RSD's "keep while score >= 0.7" is tau = 0.7, one
+  point of the sweep), swept over tau; its cost includes the PRM's (DESIGN section 2: 2 *
+  pool.prm.params per token of the question and steps 1..t it reads, t the escalation step,
+  every step where it never escalates; --price-prm with dollar pricing, without which the
+  PRM methods are skipped). The large model alone never consults the PRM;
+- `policy+prm` (--policy-prm PATH: a policy trained with train_policy.py --with-prm): the
+  policy with the PRM's scores among its features, swept over kappa, its cost including the
+  PRM's;
 - `policy`: the trained policy's threshold rule (escalate at the first t with p >= kappa),
   swept over kappa, and the calibrated kappa from calibration.json.
 
@@ -73,14 +83,40 @@ from calibrate import (calibrate_scores, choose_threshold, chosen_point, load_ca
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from report import plot_escalation_steps, plot_tradeoff, write_markdown
 from table import (Table, add_pricing_args, aggregate, check_overlap, first_crossing, outcome_columns,
-                   route_outcomes, target_of)
-from train_policy import FEATURE_NAMES, escalation_distribution, load_policy, load_table, policy_probs
+                   route_outcomes, target_of, with_prm_cost)
+from train_policy import (FEATURE_NAMES, escalation_distribution, load_policy, load_table, policy_probs,
+                          uses_prm)
 
 # method -> (feature, sign): escalate at the first step with sign * stat >= sign * tau
 HANDCRAFTED = {"mean_logprob": ("draft_mean_logprob", -1), "min_logprob": ("draft_min_logprob", -1),
                "mean_entropy": ("draft_mean_entropy", +1), "max_entropy": ("draft_max_entropy", +1)}
 RANDOM_P = sorted({0.001, 0.002, 0.005, 0.01, 0.02, *[i / 20 for i in range(21)]})
 LEVELS = (0.90, 0.95, 1.00)
+RSD_TAU = 0.7          # RSD keeps a drafted step while the PRM scores it >= 0.7
+PRM_METHODS = ("prm", "policy+prm")   # routers that consult the PRM: scored with its cost
+
+
+def prm_kappa(tau: float) -> float:
+    """The first-crossing threshold of the `prm` router on the score -prm_score: "escalate
+    where prm_score < tau" is "-prm_score >= kappa" with kappa the next double above -tau."""
+    return math.nextafter(-tau, math.inf)
+
+
+def prm_tau(kappa: float) -> float:
+    """Inverse of prm_kappa: -s >= kappa  <=>  s <= -kappa  <=>  s < nextafter(-kappa, inf)."""
+    return math.nextafter(-kappa, math.inf)
+
+
+def has_prm_router(table: Table) -> bool:
+    """Every question has PRM scores and the PRM's tokens have a price."""
+    return table.prm_score is not None and table.prm_price is not None
+
+
+def scored_table(table: Table, name: str, policy=None) -> Table:
+    """The table a router is scored on: with the PRM's cost for the routers that consult it
+    (prm, policy+prm, and a --policy trained --with-prm)."""
+    prm = name in PRM_METHODS or (name == "policy" and policy is not None and uses_prm(policy))
+    return with_prm_cost(table) if prm else table
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,8 +151,9 @@ def oracle_route(table: Table) -> torch.Tensor:
     return torch.where(torch.isinf(cost.min(1).values), table.T, best)[None]
 
 
-def score_methods(table: Table, policy=None, kappa=None) -> dict:
-    """method -> (knobs [K] list, outcomes dict of [K,Q])."""
+def score_methods(table: Table, policy=None, kappa=None, policy_prm=None) -> dict:
+    """method -> (knobs [K] list, outcomes dict of [K,Q]); `prm` where the table has PRM
+    scores (has_prm_router), `policy+prm` with policy_prm."""
     Q, T = table.Q, table.T
     methods = {"small": ([None], route_outcomes(table, torch.full((1, Q), T))),
                "large": ([None], route_outcomes(table, torch.full((1, Q), T + 1))),
@@ -126,12 +163,24 @@ def score_methods(table: Table, policy=None, kappa=None) -> dict:
         grid = threshold_grid(score, table.mask, 49)
         methods[name] = ((sign * grid).tolist(), route_outcomes(table, first_crossing(score, table.mask, grid)))
     methods["oracle"] = ([None], route_outcomes(table, oracle_route(table)))
+    if has_prm_router(table):
+        score = method_scores(table, "prm")
+        grid = torch.unique(torch.cat([threshold_grid(score, table.mask, 49),
+                                       torch.tensor([prm_kappa(RSD_TAU)], dtype=torch.float64)]))
+        methods["prm"] = ([prm_tau(k) for k in grid.tolist()],
+                          route_outcomes(with_prm_cost(table), first_crossing(score, table.mask, grid)))
+    if policy_prm is not None:
+        p = policy_probs(policy_prm, table)
+        grid = torch.unique(torch.cat([threshold_grid(p, table.mask, 101), torch.zeros(1, dtype=torch.float64)]))
+        methods["policy+prm"] = (grid.tolist(), route_outcomes(with_prm_cost(table),
+                                                               first_crossing(p, table.mask, grid)))
     if policy is not None:
         p = policy_probs(policy, table)
         grid = threshold_grid(p, table.mask, 101)
         grid = torch.unique(torch.cat([grid, torch.tensor([0.0] + ([kappa] if kappa is not None else []),
                                                           dtype=torch.float64)]))
-        methods["policy"] = (grid.tolist(), route_outcomes(table, first_crossing(p, table.mask, grid)))
+        methods["policy"] = (grid.tolist(), route_outcomes(scored_table(table, "policy", policy),
+                                                           first_crossing(p, table.mask, grid)))
     return methods
 
 
@@ -141,9 +190,12 @@ def score_methods(table: Table, policy=None, kappa=None) -> dict:
 # ----------------------------------------------------------------------------------------
 def method_scores(table: Table, name: str, policy=None) -> torch.Tensor:
     """The score a first-crossing router thresholds (escalate at the first step with score >=
-    kappa): the policy's p, or sign * the statistic of a handcrafted router."""
-    if name == "policy":
+    kappa): the policy's p (policy or policy+prm), -prm_score (prm; see prm_kappa), or sign *
+    the statistic of a handcrafted router."""
+    if name in ("policy", "policy+prm"):
         return policy_probs(policy, table)
+    if name == "prm":
+        return -table.prm_score
     feature, sign = HANDCRAFTED[name]
     return sign * table.features[..., FEATURE_NAMES.index(feature)].double()
 
@@ -167,7 +219,8 @@ def apply_knob(table: Table, name: str, knob, policy=None) -> dict:
     if name == "random":
         return random_outcomes(table, [knob])
     kappa = torch.tensor([knob], dtype=torch.float64)
-    return route_outcomes(table, first_crossing(method_scores(table, name, policy), table.mask, kappa))
+    return route_outcomes(scored_table(table, name, policy),
+                          first_crossing(method_scores(table, name, policy), table.mask, kappa))
 
 
 def calibrated_point(test: Table, name: str, knob, calibration: dict, spec: dict, policy=None):
@@ -178,7 +231,8 @@ def calibrated_point(test: Table, name: str, knob, calibration: dict, spec: dict
     sc = aggregate(test, out)
     target = target_of(spec, test.large_correct)
     sign = HANDCRAFTED[name][1] if name in HANDCRAFTED else 1
-    point = {"knob": None if knob is None else sign * knob,
+    shown = None if knob is None else prm_tau(knob) if name == "prm" else sign * knob
+    point = {"knob": shown,
              "accuracy": sc["accuracy"].item(), "relative_cost": sc["relative_cost"].item(),
              "large_share": sc["large_share"].item(), "target": target,
              "meets_target": sc["accuracy"].item() >= target - 1e-12,
@@ -188,12 +242,16 @@ def calibrated_point(test: Table, name: str, knob, calibration: dict, spec: dict
     return point, out
 
 
-def calibrate_baselines(calib: Table, spec: dict, delta) -> dict:
-    """method -> (knob in score units or None, calibration point) for random and the four
-    handcrafted routers, each by the rule that chose the policy's kappa."""
+def calibrate_baselines(calib: Table, spec: dict, delta, policy_prm=None) -> dict:
+    """method -> (knob in score units or None, calibration point) for random, the four
+    handcrafted routers and, where the calibration table has PRM scores, prm and policy+prm,
+    each by the rule that chose the policy's kappa (the PRM routers with the PRM's cost)."""
     res = {"random": calibrate_random(calib, spec, delta)}
-    for name in HANDCRAFTED:
-        res[name] = calibrate_scores(calib, method_scores(calib, name), spec, delta)
+    names = list(HANDCRAFTED) + (["prm"] if has_prm_router(calib) else []) \
+        + (["policy+prm"] if policy_prm is not None and has_prm_router(calib) else [])
+    for name in names:
+        res[name] = calibrate_scores(scored_table(calib, name), method_scores(calib, name, policy_prm),
+                                     spec, delta)
     return {name: (r["knob"], {"accuracy": r["accuracy"], "relative_cost": r["relative_cost"],
                                "target": r["target"], "met": r["knob"] is not None})
             for name, r in res.items()}
@@ -261,6 +319,10 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data", required=True, metavar="PATH", help="test table (schema-1 JSONL)")
     parser.add_argument("--policy", metavar="PATH", help="policy file from train_policy.py (optional)")
+    parser.add_argument("--policy-prm", metavar="PATH",
+                        help="a second policy, trained with train_policy.py --with-prm (the PRM's "
+                             "scores among its features): method policy+prm, calibrated on "
+                             "--calib-data like the baselines (needs a table with PRM scores)")
     parser.add_argument("--calibration", metavar="PATH", help="calibration.json from calibrate.py (needs --policy)")
     parser.add_argument("--calib-data", metavar="PATH",
                         help="the calibration table: calibrate every baseline router on it with the "
@@ -275,6 +337,31 @@ def build_parser():
                              "table or the calibration table")
     add_pricing_args(parser)
     return parser
+
+
+def prm_policy(args, table: Table, calib):
+    """The --policy-prm policy, or None (with a warning) where the test table cannot score it;
+    and a warning where the PRM routers are scored on the test table but not calibrated."""
+    if table.prm_score is not None and table.prm_price is None:
+        print(f"warning: {args.data} has PRM scores but dollar pricing has no --price-prm: "
+              f"the prm methods are skipped", file=sys.stderr)
+    elif has_prm_router(table) and calib is not None and not has_prm_router(calib):
+        print(f"warning: {args.calib_data} has no PRM scores on every question: the prm methods "
+              f"are scored on the test table but not calibrated", file=sys.stderr)
+    if not args.policy_prm:
+        return None
+    policy = load_policy(args.policy_prm)
+    check_overlap(table.hashes, args.data, [(f"{args.policy_prm} (its training questions)",
+                                             policy.meta.get("question_hashes"))], args.allow_overlap)
+    if not uses_prm(policy):
+        raise UsageError(f"--policy-prm {args.policy_prm}: the policy reads none of the PRM's "
+                         f"features (train it with train_policy.py --with-prm)")
+    if not has_prm_router(table):
+        print(f"warning: {args.data} has no PRM scores on every question (rollout.py --prm / "
+              f"--rescore), or they have no price: policy+prm is skipped", file=sys.stderr)
+        return None
+    warn_pool(policy, table, args.data)
+    return policy
 
 
 def main(argv=None):
@@ -302,12 +389,16 @@ def main(argv=None):
         check_overlap(calib.hashes, args.calib_data, earlier[:1], args.allow_overlap)
     if policy is not None:
         warn_pool(policy, table, args.data)
+        if uses_prm(policy) and not has_prm_router(table):
+            raise UsageError(f"--policy {args.policy} reads the PRM's scores, which {args.data} lacks "
+                             f"(or, with dollar pricing, has no --price-prm)")
+    policy_prm = prm_policy(args, table, calib)
     if cal is not None and cal.get("pricing") not in (None, asdict(table.pricing)):
         print(f"warning: {args.calibration} was calibrated with pricing {cal['pricing']}, "
               f"evaluating with {asdict(table.pricing)}", file=sys.stderr)
 
     # ALGO LOGIC: every router's exact outcomes on the test table; the rest is metrics and reports
-    methods = score_methods(table, policy, cal["kappa"] if cal else None)
+    methods = score_methods(table, policy, cal["kappa"] if cal else None, policy_prm)
     large_acc = table.large_correct.mean().item()
     small_rc = table.relative_cost(table.small_cost).item()
     counts = bootstrap_counts(table.Q, args.bootstrap, args.seed) if args.bootstrap else None
@@ -356,8 +447,11 @@ def main(argv=None):
         if calib is not None:
             # Every baseline calibrated on the calibration table, by the same rule, target and delta.
             calibrated = {"policy": pc}
-            for name, (knob, point) in calibrate_baselines(calib, spec, cal["delta"]).items():
-                calibrated[name], outs[name] = calibrated_point(table, name, knob, point, spec)
+            for name, (knob, point) in calibrate_baselines(calib, spec, cal["delta"], policy_prm).items():
+                if name not in methods:      # scores on the calibration table only
+                    continue
+                calibrated[name], outs[name] = calibrated_point(table, name, knob, point, spec,
+                                                                policy_prm if name == "policy+prm" else None)
             result["calibrated"] = calibrated
             best = best_handcrafted(calibrated)
             diff = pc["relative_cost"] - calibrated[best]["relative_cost"]

@@ -16,7 +16,8 @@ from table import Table
 
 STYLE = {"small": ("s", "tab:blue"), "large": ("D", "tab:red"), "oracle": ("*", "gold"),
          "random": ("", "tab:gray"), "mean_logprob": ("", "tab:orange"), "min_logprob": ("", "tab:brown"),
-         "mean_entropy": ("", "tab:pink"), "max_entropy": ("", "tab:olive"), "policy": ("", "tab:green")}
+         "mean_entropy": ("", "tab:pink"), "max_entropy": ("", "tab:olive"), "policy": ("", "tab:green"),
+         "prm": ("", "tab:purple"), "policy+prm": ("", "tab:cyan")}
 
 
 def frontier(points: list[dict]) -> list[dict]:

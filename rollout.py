@@ -25,6 +25,14 @@ escalation router on the question, so training, calibration and evaluation need 
 The output is schema-1 JSONL (docs/DESIGN.md section 3), one question per line, each line
 written whole and flushed. Running again with the same --out skips the ids already there,
 so an interrupted run resumes without losing or duplicating anything.
+
+With a process reward model (Qwen2.5-Math-PRM family, prm.py), every drafted small step is
+scored as the table is built (`--prm MODEL`), or an existing table is scored without the
+pool (`--prm MODEL --rescore TABLE [--out OUT]`; OUT defaults to TABLE, replaced whole):
+
+    python rollout.py --dataset gsm8k --split test --prm Qwen/Qwen2.5-Math-PRM-7B \
+        --out results/gsm8k/test.jsonl
+    python rollout.py --prm Qwen/Qwen2.5-Math-PRM-7B --rescore results/gsm8k/test.jsonl
 """
 from __future__ import annotations
 
@@ -50,8 +58,9 @@ SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\
 # ----------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    p.add_argument("--dataset", required=True,
-                   help=f"one of {', '.join(DATASETS)}, or a .jsonl file with question/answer")
+    p.add_argument("--dataset",
+                   help=f"one of {', '.join(DATASETS)}, or a .jsonl file with question/answer "
+                        f"(required unless --rescore)")
     p.add_argument("--split", default="test", help="the dataset's split (default test)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions (default: all)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first (default 0)")
@@ -61,7 +70,17 @@ def parse_args(argv=None):
     p.add_argument("--large", default=DEFAULT_LARGE,
                    help="hub id, model folder or .gguf file; with --large-api, the model the "
                         f"server serves (default {DEFAULT_LARGE})")
-    p.add_argument("--out", required=True, help="schema-1 JSONL table (appended to; resumable)")
+    p.add_argument("--out", help="schema-1 JSONL table (appended to; resumable). With --rescore: "
+                                 "where the scored table goes (default: TABLE itself, replaced)")
+    p.add_argument("--prm", metavar="MODEL",
+                   help="process reward model (hub id or folder of the Qwen2.5-Math-PRM family, "
+                        "e.g. Qwen/Qwen2.5-Math-PRM-7B): score every drafted small step "
+                        "(steps[i].prm_score; pool.prm records it)")
+    p.add_argument("--rescore", metavar="TABLE",
+                   help="with --prm: add the PRM's scores to an existing table (.jsonl or "
+                        ".jsonl.gz) without loading the pool")
+    p.add_argument("--prm-batch-size", type=int, default=8,
+                   help="solutions the PRM scores in one forward pass (default 8)")
     add_api_args(p)
     p.add_argument("--max-new-tokens", type=int, default=1024,
                    help="token limit of every generation (default 1024)")
@@ -90,8 +109,16 @@ def parse_args(argv=None):
             except ValueError:
                 raise UsageError(f"--{flag.replace('_', '-')} must be an integer or 'auto', "
                                  f"got {value!r}") from None
+    if args.rescore is not None and args.prm is None:
+        raise UsageError("--rescore TABLE needs --prm MODEL (the PRM to score the table with)")
+    if args.rescore is not None and args.dataset is not None:
+        raise UsageError("--rescore scores an existing table: it takes no --dataset")
+    if args.rescore is None and (args.dataset is None or args.out is None):
+        raise UsageError("the following arguments are required: "
+                         + ", ".join(f for f, v in (("--dataset", args.dataset), ("--out", args.out))
+                                     if v is None))
     for flag in ("limit", "max_new_tokens", "batch_size", "chunk_size", "concurrency",
-                 "top_logprobs"):
+                 "top_logprobs", "prm_batch_size"):
         value = getattr(args, flag)
         if isinstance(value, int) and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
@@ -421,8 +448,62 @@ def load_model(spec: str, api: str | None, args, device: str = "auto"):
                     system_prompt=SYSTEM_PROMPT, ends_step=ends_step)
 
 
+def load_prm_model(args, device: str):
+    """The --prm model (prm.py), loaded before anything else: a model that is not a PRM of the
+    supported family is a usage error (one line, exit 2) before any generation."""
+    import torch
+    from prm import PRMError, load_prm
+    dtypes = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if args.dtype not in dtypes:
+        raise UsageError(f"--dtype must be one of {', '.join(dtypes)}, got {args.dtype!r}")
+    try:
+        return load_prm(args.prm, resolve_device(device), dtypes[args.dtype])
+    except PRMError as err:
+        raise UsageError(f"--prm {err}") from None
+
+
+def scored(prm, records: list, batch_size: int, model: str) -> list:
+    """Records with the PRM's step scores (prm.rescore_table) and the PRM in their settings."""
+    from prm import rescore_table
+    out = rescore_table(records, prm, batch_size)
+    for rec in out:
+        if "settings" in rec:
+            rec["settings"] = {**rec["settings"], "prm": model}
+    return out
+
+
+def rescore(args) -> int:
+    """--prm MODEL --rescore TABLE [--out OUT]: the table plus PRM scores, nothing else
+    changed; written whole to a temporary file next to OUT, then moved over OUT (so OUT may
+    be TABLE). A .gz OUT is written compressed."""
+    import gzip
+    import os
+    from table import read_table
+    src = Path(args.rescore)
+    out = Path(args.out) if args.out else src
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder, expected a .jsonl file path")
+    records = read_table(src)
+    prm = load_prm_model(args, args.device)
+    records = scored(prm, records, args.prm_batch_size, args.prm)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        opener = gzip.open if out.suffix == ".gz" else open
+        with opener(tmp, "wt", encoding="utf-8") as f:
+            for rec in records:
+                append_record(f, rec)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out} ({len(records)} questions scored by {args.prm})", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.rescore is not None:
+        return rescore(args)
     import torch
     # TRY NOT TO MODIFY: seeding, devices, resuming, sharding, engine sizing
     random.seed(args.seed)
@@ -438,13 +519,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {out}: is a folder, expected a .jsonl file path")
+    prm = load_prm_model(args, device) if args.prm else None
     small = load_model(args.small, args.small_api, args, device)
     large = small if (args.large, args.large_api) == (args.small, args.small_api) \
         else load_model(args.large, args.large_api, args, device)
     # what made the table besides the pool: a resumed table must have been made the same way
     settings = {"max_new_tokens": args.max_new_tokens, "prompt": SYSTEM_PROMPT,
                 "dtype": sorted({m.dtype for m in (small, large) if isinstance(m, LM)}) or None}
-    done = check_resumable([out] + part_files(out), pool_record(small, large), settings)
+    pool = pool_record(small, large)
+    if prm is not None:   # a resumed table must have been scored by the same PRM
+        settings["prm"] = args.prm
+        pool["prm"] = prm.pool_entry
+    done = check_resumable([out] + part_files(out), pool, settings)
     order = [q["id"] for q in questions]
     if world == 1 and part_files(out):  # parts left by an interrupted sharded run
         print(f"merging {merge_parts(out, order)} questions of an earlier sharded run "
@@ -478,7 +564,14 @@ def main(argv=None) -> int:
             if rank == 0:
                 progress()
         for c in range(0, len(todo), chunk):  # ALGO LOGIC: the table, a chunk at a time
-            build_records(small, large, todo[c:c + chunk], args.max_new_tokens, write)
+            if prm is None:
+                build_records(small, large, todo[c:c + chunk], args.max_new_tokens, write)
+                continue
+            # with a PRM: the chunk's finished records scored together, then written
+            got = []
+            build_records(small, large, todo[c:c + chunk], args.max_new_tokens, got.append)
+            for rec in scored(prm, got, args.prm_batch_size, args.prm):
+                write(rec)
     if world > 1:
         if finish_shard(out, rank, world, order):
             print(f"wrote {out} ({len(questions)} questions, merged from {world} processes)",

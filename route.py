@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from cli import UsageError, add_api_args, make_parser, run_cli
-from engine import load_lm
+from engine import load_lm, resolve_device
 from rollout import DEFAULT_LARGE, DEFAULT_SMALL, extract_answer, load_model
 
 GET_ONE = "train one with train_policy.py and calibrate.py, or run `make demo` to rebuild " \
@@ -121,13 +121,15 @@ class Display:
 
 
 def route(question: str, small, large, policy, kappa: float | None, max_new_tokens: int,
-          escalate_at: int | None = None, display: Display | None = None) -> dict:
+          escalate_at: int | None = None, display: Display | None = None, prm=None) -> dict:
     """One-way escalation on one question. Returns the run as a dict (see --json).
 
     `small` and `large` are loaded models (LM) or LazyLM, loaded only if the route needs them.
     The route is forced by `escalate_at` (0: the large model alone; K: escalate at step K);
     else the policy escalates at the first step with p >= kappa; kappa None (a calibration
-    whose fallback is the large model) is the large model alone: nothing is drafted."""
+    whose fallback is the large model) is the large model alone: nothing is drafted.
+    `prm` (prm.py; for a policy trained --with-prm) scores each draft live, the prefix ending
+    at it, as rollout.py --prm scored the table; its reading is part of the cost."""
     import torch
     from train_policy import state_features
 
@@ -138,7 +140,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     start = time.perf_counter()
     loads_before = sum(m.load_seconds for m in (small, large) if isinstance(m, LazyLM))
     large_only = escalate_at == 0 or (escalate_at is None and kappa is None)
-    steps, accepted, escalated_at, small_tokens = [], [], None, 0
+    steps, accepted, escalated_at, small_tokens, prm_read = [], [], None, 0, 0
     if large_only:
         escalated_at = 0
         display.note("large model only" + (" (the calibration's fallback: no threshold met "
@@ -149,13 +151,19 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
         while (draft := drafter.next_step()) is not None:
             t = len(accepted) + 1
             small_tokens += draft["tokens"]
+            if prm is not None:   # the PRM's judgement of the prefix ending at the draft
+                from prm import score_steps
+                texts = [s["text"] for s in accepted + [draft]]
+                draft = {**draft, "prm_score": score_steps(prm, question, texts)[-1]}
+                prm_read = prm_tokens(prm, question, texts)
             feats = state_features(drafter.prompt_tokens, accepted + [draft], drafter.ended)
             with torch.no_grad():
                 p = float(policy(torch.tensor([feats], dtype=torch.float32))[0]) \
                     if policy is not None else None
             escalate = t == escalate_at if escalate_at is not None else p >= kappa
             steps.append({"text": draft["text"], "model": "small", "p_escalate": p,
-                          "accepted": not escalate})
+                          "accepted": not escalate,
+                          **({"prm_score": draft["prm_score"]} if prm is not None else {})})
             display.step(t, "small", draft["text"], p, kappa if escalate_at is None else None,
                          accepted=not escalate)
             if escalate:
@@ -188,15 +196,24 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
         large_alone = counter.count_tokens(solution) or len(solution) // 4
     relative_cost = None
     if large_params:
-        cost = 2 * small_params * small_tokens + 2 * large_params * large_tokens
+        cost = 2 * small_params * small_tokens + 2 * large_params * large_tokens \
+            + (2 * prm.params * prm_read if prm is not None else 0)
         relative_cost = cost / (2 * large_params * max(1, large_alone))
     where = ("large model only" if escalated_at == 0 else "small model only (never escalated)"
              if escalated_at is None else f"escalated at step {escalated_at}")
     return {"question": question, "steps": steps, "escalated_at": escalated_at, "route": where,
             "kappa": kappa, "answer": extract_answer(solution), "solution": solution,
-            "tokens": {"small": small_tokens, "large": large_tokens},
+            "tokens": {"small": small_tokens, "large": large_tokens,
+                       **({"prm_read": prm_read} if prm is not None else {})},
             "relative_cost": relative_cost, "relative_cost_is_estimate": escalated_at != 0,
             "seconds": round(seconds, 3), "load_seconds": round(loads, 3)}
+
+
+def prm_tokens(prm, question: str, texts: list) -> int:
+    """Tokens the PRM has read once it scored steps 1..t (prefix caching; DESIGN section 2)."""
+    from prm import encode, prm_cost_tokens
+    e = encode(prm, question, texts)
+    return prm_cost_tokens(e.prompt_tokens, e.step_tokens, len(texts))
 
 
 def build_parser():
@@ -216,6 +233,9 @@ def build_parser():
     p.add_argument("--large", metavar="MODEL",
                    help="large model: hub id, local folder or .gguf file (default: the policy's "
                         f"pool, else {DEFAULT_LARGE})")
+    p.add_argument("--prm", metavar="MODEL",
+                   help="process reward model for a policy trained --with-prm (default: the "
+                        "policy's pool.prm.model); each draft is scored live")
     p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
                    help="token limit per model, as rollout.py's (default 1024)")
     p.add_argument("--escalate-at", type=int, metavar="K",
@@ -328,12 +348,26 @@ def main(argv=None) -> int:
         if not large_only:
             small.get()
         large.get()
+    prm = None
+    if policy is not None and args.escalate_at is None and not large_only:
+        from train_policy import uses_prm
+        if uses_prm(policy):   # the policy reads the PRM's scores: score each draft live
+            from prm import PRMError, load_prm
+            name = args.prm or (pool.get("prm") or {}).get("model")
+            if not name:
+                raise UsageError(f"{args.policy} reads the PRM's scores but its pool records no "
+                                 f"PRM: give --prm MODEL")
+            try:
+                prm = load_prm(name, resolve_device(args.device))
+            except PRMError as err:
+                raise UsageError(f"--prm {err}") from None
+            display.note(f"process reward model: {name}")
     if kappa is not None and args.escalate_at is None:
         display.note(f"escalate at the first step with p(escalate) >= kappa {kappa:.4g}")
 
     def one(question: str) -> dict:
         run = route(question, small, large, policy, kappa, args.max_new_tokens,
-                    args.escalate_at, display)
+                    args.escalate_at, display, prm)
         cost = "relative cost unknown (the large model's size is not known without loading it)" \
             if run["relative_cost"] is None else f"relative cost {run['relative_cost']:.3f}" + (
                 " (estimated: the large model alone was not run)"

@@ -189,6 +189,10 @@ def add_pricing_args(parser: argparse.ArgumentParser) -> None:
                         "model, as IN,OUT or IN OUT (with --price-large; replaces FLOPs pricing)")
     g.add_argument("--price-large", nargs="+", metavar="IN,OUT",
                    help="dollars per million prompt and generated tokens of the large model")
+    g.add_argument("--price-prm", type=float, metavar="IN",
+                   help="dollars per million tokens the process reward model reads (with "
+                        "--price-small/--price-large; FLOPs pricing charges 2 * pool.prm.params "
+                        "per token read). Without it, dollar pricing scores no PRM method")
 
 
 def parse_price(flag: str, value) -> list[float]:
@@ -241,6 +245,27 @@ def pricing_from_args(args, records: list[dict]) -> Pricing:
         out[role] = 2.0 * params
     return Pricing(args.prompt_cost * out["small"], out["small"],
                    args.prompt_cost * out["large"], out["large"], unit="FLOPs")
+
+
+def prm_price_from_args(args, pricing: Pricing, records: list[dict]) -> float | None:
+    """The price of one token read by the process reward model (DESIGN section 2), in the
+    pricing's unit: 2 * pool.prm.params FLOPs, or --price-prm dollars per million tokens.
+    None where the table has no PRM, or dollar pricing has no --price-prm."""
+    price = getattr(args, "price_prm", None)
+    if price is not None:
+        if pricing.unit != "dollars":
+            raise UsageError("--price-prm goes with --price-small/--price-large (FLOPs pricing "
+                             "charges 2 * pool.prm.params per token the PRM reads)")
+        if not price >= 0 or math.isinf(price):
+            raise UsageError(f"--price-prm must be finite and >= 0, got {price}")
+        return price / 1e6
+    if pricing.unit != "FLOPs":
+        return None
+    entry = records[0]["pool"].get("prm")
+    params = entry.get("params") if isinstance(entry, dict) else None
+    if not isinstance(params, (int, float)) or isinstance(params, bool) or not params > 0:
+        return None
+    return 2.0 * params
 
 
 def load_records(path, args) -> tuple:
@@ -299,6 +324,11 @@ class Table:
     hashes: list = field(default_factory=list)   # question_hash() of each question
     pool: dict = field(default_factory=dict)
     pricing: Pricing | None = None
+    # the process reward model (DESIGN sections 2, 5), where every record carries its scores:
+    prm_score: torch.Tensor | None = None    # [Q,T] float64, the PRM's score of each drafted step
+    prm_tokens: torch.Tensor | None = None   # [Q,T] float64, PRM tokens read to score steps 1..t+1
+    prm_price: float | None = None           # price of one PRM token read (pricing's unit)
+    prm_priced: bool = False                 # esc_cost / small_cost include the PRM (with_prm_cost)
 
     @property
     def Q(self) -> int:
@@ -313,8 +343,9 @@ class Table:
         return costs.sum(-1) / self.large_cost.sum()
 
 
-def outcome_table(records: list[dict], pricing: Pricing) -> Table:
-    """The outcome and cost columns of a table's records under `pricing`."""
+def outcome_table(records: list[dict], pricing: Pricing, prm_price: float | None = None) -> Table:
+    """The outcome and cost columns of a table's records under `pricing`; with the PRM's
+    scores and token counts where every record has them (prm_price: prm_price_from_args)."""
     import torch
     Q = len(records)
     T = max(1, max(len(r["small"]["steps"]) for r in records))
@@ -354,10 +385,40 @@ def outcome_table(records: list[dict], pricing: Pricing) -> Table:
         large_cost[i] = p.large_out * e_tok[0] + p.large_in * e_prompt[0]
     if not large_cost.sum() > 0:
         raise UsageError("the all-large cost of the table is 0: relative costs are undefined")
+    from prm import has_prm, record_prm_tokens   # the table's PRM keys (prm.py: torch, no model)
+    prm_score = prm_tokens = None
+    if all(has_prm(r) for r in records):   # a PRM router needs every question's scores
+        prm_score, prm_tokens = z(), z()
+        for i, rec in enumerate(records):
+            n = len(rec["small"]["steps"])
+            if n:
+                prm_score[i, :n] = torch.tensor([float(s["prm_score"]) for s in rec["small"]["steps"]],
+                                                dtype=torch.float64)
+                prm_tokens[i, :n] = torch.tensor(record_prm_tokens(rec), dtype=torch.float64)
     return Table(mask, n_steps, esc_correct, esc_cost, esc_small, esc_large,
                  small_correct, small_cost, small_tokens, large_correct, large_cost, large_tokens,
                  ids=[r["id"] for r in records], hashes=[question_hash(r["question"]) for r in records],
-                 pool=table_pool(records), pricing=pricing)
+                 pool=table_pool(records), pricing=pricing, prm_score=prm_score,
+                 prm_tokens=prm_tokens, prm_price=None if prm_score is None else prm_price)
+
+
+def with_prm_cost(table: Table) -> Table:
+    """The table as a PRM-gated router pays it (DESIGN section 2): escalating at step t adds
+    the PRM's reading of the question and steps 1..t, never escalating its reading of every
+    step; the large model alone never consults the PRM, so the all-large cost (the relative
+    cost's denominator) is unchanged. Every router scored on the returned table (route_outcomes,
+    sweep, calibrate.py) includes the PRM's cost."""
+    import dataclasses
+    import torch
+    if table.prm_tokens is None or table.prm_price is None:
+        raise ValueError("the table has no PRM scores, or no price for the PRM's tokens")
+    if table.prm_priced:
+        return table
+    read = table.prm_price * table.prm_tokens                            # [Q,T], 0 where padded
+    last = read.gather(1, (table.n_steps - 1).clamp(min=0)[:, None])[:, 0]
+    last = torch.where(table.n_steps > 0, last, torch.zeros_like(last))   # n = 0: never consulted
+    return dataclasses.replace(table, esc_cost=table.esc_cost + read, small_cost=table.small_cost + last,
+                               prm_priced=True)
 
 
 OUTCOMES = ("correct", "cost", "small_tokens", "large_tokens")

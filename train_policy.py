@@ -62,13 +62,13 @@ import torch.nn.functional as F
 
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from table import (Pricing, Table, add_pricing_args, add_target_args, load_records, outcome_columns,
-                   outcome_table, resolve_target)
+                   outcome_table, prm_price_from_args, resolve_target, with_prm_cost)
 
 
 # ----------------------------------------------------------------------------------------
 # 1. State features (DESIGN section 4). ONE function, called by training and by route.py.
 # ----------------------------------------------------------------------------------------
-FEATURE_NAMES = [
+BASE_FEATURES = [
     "draft_mean_logprob", "draft_min_logprob", "draft_mean_entropy", "draft_max_entropy",
     "draft_tokens",
     "step",                    # t, 1-based
@@ -81,14 +81,27 @@ FEATURE_NAMES = [
     "draft_has_boxed",         # 1.0 if the draft contains "\boxed"
     "ended",                   # 1.0 if the draft ended the small model's solution (EOS / limit)
 ]
+# The process reward model's judgement (steps[i].prm_score, rollout.py --prm; DESIGN section 5,
+# policy+prm): only for policies trained with --with-prm, whose cost then includes the PRM's.
+PRM_FEATURES = [
+    "draft_prm_score",         # the PRM's score of the prefix ending at the draft
+    "prev_min_prm_score",      # the lowest score of the accepted steps 1..t-1; 1.0 when t = 1
+]
+FEATURE_NAMES = BASE_FEATURES + PRM_FEATURES   # column order of the table's features
+
+
+def uses_prm(policy) -> bool:
+    """Does the policy read the PRM's scores (so that consulting it is part of its cost)?"""
+    return any(f in PRM_FEATURES for f in policy.feature_names)
 
 
 def state_features(prompt_tokens: int, steps: list[dict], ended: bool) -> list[float]:
     """Features of the state after the draft of step t = len(steps), in FEATURE_NAMES order.
 
     steps[-1] is the draft, steps[:-1] the accepted steps; each step is a dict with text,
-    tokens, mean_logprob, min_logprob, mean_entropy, max_entropy. `ended` says the draft
-    ended the small model's solution (on the table: t == n).
+    tokens, mean_logprob, min_logprob, mean_entropy, max_entropy, and prm_score where the
+    PRM scored it (0.0 where not: only policies trained --with-prm read it, on scored tables).
+    `ended` says the draft ended the small model's solution (on the table: t == n).
     """
     if not steps:
         raise ValueError("state_features needs at least the drafted step")
@@ -102,7 +115,9 @@ def state_features(prompt_tokens: int, steps: list[dict], ended: bool) -> list[f
             float(draft["mean_entropy"]), float(draft["max_entropy"]), float(draft["tokens"]),
             float(len(steps)), float(sum(s["tokens"] for s in steps)), float(prompt_tokens),
             *map(float, prev),
-            1.0 if "\\boxed" in draft["text"] else 0.0, 1.0 if ended else 0.0]
+            1.0 if "\\boxed" in draft["text"] else 0.0, 1.0 if ended else 0.0,
+            float(draft.get("prm_score", 0.0)),
+            min((float(s.get("prm_score", 0.0)) for s in accepted), default=1.0)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,8 +129,8 @@ class FeatureTable(Table):
     features: torch.Tensor = None   # [Q,T,F] float32, raw state_features of each drafted step
 
 
-def build_table(records: list[dict], pricing: Pricing) -> FeatureTable:
-    outcomes = outcome_table(records, pricing)
+def build_table(records: list[dict], pricing: Pricing, prm_price: float | None = None) -> FeatureTable:
+    outcomes = outcome_table(records, pricing, prm_price)
     feats = torch.zeros(outcomes.Q, outcomes.T, len(FEATURE_NAMES), dtype=torch.float32)
     for i, rec in enumerate(records):
         steps, n = rec["small"]["steps"], len(rec["small"]["steps"])
@@ -126,10 +141,20 @@ def build_table(records: list[dict], pricing: Pricing) -> FeatureTable:
     return FeatureTable(**vars(outcomes), features=feats)
 
 
+def prm_table(table: Table, what) -> Table:
+    """The table with the PRM's cost (table.with_prm_cost), for a policy reading its scores."""
+    if table.prm_score is None:
+        raise UsageError(f"{what}: a policy with the PRM's features needs PRM scores on every "
+                         f"question (rollout.py --prm MODEL --rescore TABLE)")
+    if table.prm_price is None:
+        raise UsageError(f"{what}: dollar pricing needs --price-prm for a policy with the PRM's features")
+    return with_prm_cost(table)
+
+
 def load_table(path, args) -> FeatureTable:
     """read_table + pricing flags -> FeatureTable (what every table stage starts with)."""
     records, pricing = load_records(path, args)
-    return build_table(records, pricing)
+    return build_table(records, pricing, prm_price_from_args(args, pricing, records))
 
 
 # ----------------------------------------------------------------------------------------
@@ -283,7 +308,7 @@ class TrainConfig:
     line (train_policy.py --help) read them from."""
     hidden: tuple = (64, 64)        # hidden widths of the MLP
     activation: str = "tanh"
-    features: tuple = tuple(FEATURE_NAMES)
+    features: tuple = tuple(BASE_FEATURES)   # --with-prm adds PRM_FEATURES
     iters: int = 600                # training iterations
     batch_size: int = 256           # questions per iteration
     episodes: int = 8               # REINFORCE episodes per question (leave-one-out baseline)
@@ -358,7 +383,12 @@ def build_parser():
     g.add_argument("--activation", choices=sorted(ACTIVATIONS), default=D.activation,
                    help=f"hidden activation (default {D.activation})")
     g.add_argument("--features", default=",".join(D.features), metavar="A,B,...",
-                   help="comma-separated subset of the state features (default: all)")
+                   help="comma-separated subset of the state features (default: all but "
+                        "the PRM's)")
+    g.add_argument("--with-prm", action="store_true",
+                   help=f"add the PRM's features ({', '.join(PRM_FEATURES)}) to --features: the "
+                        f"table needs PRM scores (rollout.py --prm / --rescore), and the training "
+                        f"cost includes the PRM's (policy+prm in evaluate.py --policy-prm)")
     g.add_argument("--iters", type=int, default=D.iters, help=f"training iterations (default {D.iters})")
     g.add_argument("--batch-size", type=int, default=D.batch_size,
                    help=f"questions per iteration (default {D.batch_size})")
@@ -397,6 +427,8 @@ def config_from_args(args) -> TrainConfig:
     if unknown or not features:
         raise UsageError(f"--features: unknown {', '.join(unknown) or '(empty list)'}; "
                          f"choose from {', '.join(FEATURE_NAMES)}")
+    if getattr(args, "with_prm", False):
+        features += [f for f in PRM_FEATURES if f not in features]
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     return TrainConfig(**{**values, "hidden": tuple(args.hidden), "features": tuple(features)})
 
@@ -407,6 +439,8 @@ def main(argv=None):
     config = config_from_args(args)
 
     table = load_table(args.train, args)
+    if any(f in PRM_FEATURES for f in config.features):   # policy+prm: it pays for the PRM
+        table = prm_table(table, args.train)
     target, target_spec = resolve_target(args, table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -425,7 +459,8 @@ def main(argv=None):
         p_esc, p_never = escalation_distribution(policy_probs(policy, table), table.mask)
         acc = ((p_esc * table.esc_correct).sum(-1) + p_never * table.small_correct).mean().item()
         rel = table.relative_cost((p_esc * table.esc_cost).sum(-1) + p_never * table.small_cost).item()
-    meta = {"pool": table.pool, "pricing": asdict(table.pricing), "target": target,
+    meta = {"pool": table.pool, "pricing": asdict(table.pricing), "prm_price": table.prm_price
+            if table.prm_priced else None, "target": target,
             "target_spec": target_spec, "train": str(args.train), "n_train": table.Q,
             "question_hashes": table.hashes,
             "command": " ".join(sys.argv if argv is None else ["train_policy.py", *argv]),

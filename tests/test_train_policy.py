@@ -205,7 +205,7 @@ def test_main_outputs_and_determinism(tmp_path, capsys):
     assert len(log) == 60 and set(log[0]) >= {"iter", "lambda", "accuracy", "cost", "loss"}
     assert (tmp_path / "a" / "policy.curve.png").stat().st_size > 1000
     assert a.meta["target_spec"] == {"relative": 0.97} and a.meta["pool"] == POOL
-    assert a.feature_names == tp.FEATURE_NAMES
+    assert a.feature_names == tp.BASE_FEATURES   # the PRM features only --with-prm
     assert "trained 60 iterations in" in capsys.readouterr().out
 
 
