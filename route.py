@@ -193,9 +193,9 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     else:
         counter = large.lm if isinstance(large, LazyLM) else large
         counter = counter if counter is not None else need(small)
-        large_alone = counter.count_tokens(solution) or len(solution) // 4
+        large_alone = counter.count_tokens(solution)  # None: a server without /tokenize
     relative_cost = None
-    if large_params:
+    if large_params and large_alone is not None:
         cost = 2 * small_params * small_tokens + 2 * large_params * large_tokens \
             + (2 * prm.params * prm_read if prm is not None else 0)
         relative_cost = cost / (2 * large_params * max(1, large_alone))
@@ -368,7 +368,8 @@ def main(argv=None) -> int:
     def one(question: str) -> dict:
         run = route(question, small, large, policy, kappa, args.max_new_tokens,
                     args.escalate_at, display, prm)
-        cost = "relative cost unknown (the large model's size is not known without loading it)" \
+        cost = "relative cost unknown (the large model's size, or the length of its own " \
+            "solution, is not known)" \
             if run["relative_cost"] is None else f"relative cost {run['relative_cost']:.3f}" + (
                 " (estimated: the large model alone was not run)"
                 if run["relative_cost_is_estimate"] else "")
