@@ -169,13 +169,16 @@ class Policy(nn.Module):
     order (state_features output); the policy picks its own feature columns, normalises them
     with the mean/std fitted on the training table, and returns probabilities in (0, 1)."""
 
-    def __init__(self, feature_names=FEATURE_NAMES, hidden=(64, 64), activation="tanh"):
+    def __init__(self, feature_names=FEATURE_NAMES, hidden=(64, 64), activation="tanh",
+                 columns=FEATURE_NAMES):
         super().__init__()
-        unknown = [f for f in feature_names if f not in FEATURE_NAMES]
+        unknown = [f for f in feature_names if f not in columns]
         if unknown:
             raise UsageError(f"features this build does not compute: {', '.join(unknown)}")
         self.feature_names, self.hidden, self.activation = list(feature_names), list(hidden), activation
-        self.register_buffer("columns", torch.tensor([FEATURE_NAMES.index(f) for f in feature_names]),
+        # `columns`: the names of the feature tensor's last dimension (FEATURE_NAMES for every
+        # table of the stages; ablate.py appends experimental columns)
+        self.register_buffer("columns", torch.tensor([list(columns).index(f) for f in feature_names]),
                              persistent=False)
         self.register_buffer("mean", torch.zeros(len(feature_names)))
         self.register_buffer("std", torch.ones(len(feature_names)))
@@ -321,13 +324,14 @@ class TrainConfig:
 
 
 def train(table: Table, target: float, config: TrainConfig | None = None, log=None,
-          **overrides) -> tuple[Policy, float]:
+          columns=FEATURE_NAMES, **overrides) -> tuple[Policy, float]:
     """Primal-dual training with `config` (TrainConfig defaults; keyword overrides allowed).
-    Returns the policy and the final lambda. `log(dict)` per iteration."""
+    Returns the policy and the final lambda. `log(dict)` per iteration. `columns` names the
+    last dimension of table.features (see Policy)."""
     cfg = replace(config or TrainConfig(), **overrides)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    policy = Policy(list(cfg.features), list(cfg.hidden), cfg.activation)
+    policy = Policy(list(cfg.features), list(cfg.hidden), cfg.activation, columns)
     if not table.mask.any():
         raise UsageError("the training table has no small steps: nothing to decide")
     policy.fit_normalisation(table.features, table.mask)

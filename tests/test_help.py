@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import ablate  # noqa: E402
 import calibrate  # noqa: E402
 import demo  # noqa: E402
 import evaluate  # noqa: E402
@@ -36,7 +37,8 @@ def demo_parser():
 
 
 PARSERS = {"train_policy.py": train_policy.build_parser, "calibrate.py": calibrate.build_parser,
-           "evaluate.py": evaluate.build_parser, "demo.py": demo_parser}
+           "evaluate.py": evaluate.build_parser, "demo.py": demo_parser,
+           "ablate.py": ablate.build_parser}
 
 
 @pytest.mark.parametrize("name", PARSERS)

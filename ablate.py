@@ -1,0 +1,383 @@
+"""Why the learned policy wins or loses on a pool: ablations on the trajectory tables.
+
+Run it from the repository root (no LLM runs: seconds to minutes, from the tables alone,
+except --probe, which reads every question once with the small model):
+
+    python ablate.py                      # results/svamp/{train,calib,test}.jsonl -> results/svamp/ablations.{md,json}
+    python ablate.py --probe              # adds the linear probe on the small model's hidden state
+
+For one accuracy target (--target-relative R, default 0.95: R x the large model's accuracy on
+the same questions), every variant below is trained on the train table (train_policy.train,
+seeds 0..S-1), calibrated on the calibration table by calibrate.py's rule (calibrate_scores,
+--delta as there), and measured on the test table: accuracy, relative cost, and whether the
+test target is met, as mean +- sd over the seeds. The handcrafted routers are calibrated the
+same way on the same questions (evaluate.calibrate_baselines), so every row compares like with
+like. Then:
+
+1. **Feature ablation.** The policy on all its features, on all but one group, and on one group
+   alone (groups: GROUPS below). Which features carry the signal?
+2. **Learning curve.** The policy trained on the first n training questions (a fixed shuffle),
+   n = 8, 16, 32, ... and all. Would more training questions help?
+3. **Hindsight frontiers** (chosen on the test questions, so NOT deployable: labelled so). For
+   each router, the cheapest point of its threshold sweep on the test questions that meets the
+   test target; the oracle's cost. How far is each router from what its scores allow, and how
+   far are all of them from the oracle?
+4. **Tries beyond token statistics.** (a) The running answer, read from the drafted text
+   (text_features: how many numbers a step writes, how many are new, whether it writes an
+   equation, whether the last number so far is one the question gave). (b) With --probe, a
+   linear probe on the small model's hidden state at the end of each drafted step (probe.py):
+   a logistic regression that predicts "the small model's own answer will be wrong", fitted
+   on the training questions (out-of-fold scores on them, so the policy never trains on a
+   probe that saw its question), used as a router of its own and as one more policy feature.
+
+Each try is reported with its numbers whether it is kept or not. A feature becomes part of the
+method (train_policy.state_features, route.py) only if it wins here on held-out questions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from calibrate import calibrate_scores
+from cli import UsageError, check_range, make_parser, plural, run_cli
+from evaluate import (HANDCRAFTED, best_handcrafted, calibrate_baselines, calibrated_point,
+                      cost_to_reach, method_scores, oracle_route)
+from table import (add_pricing_args, first_crossing, prm_price_from_args, pricing_from_args, read_table,
+                   score_routes, sweep, target_of)
+from train_policy import BASE_FEATURES, FEATURE_NAMES, TrainConfig, build_table, policy_probs, train
+
+GROUPS = {
+    "logprob": ["draft_mean_logprob", "draft_min_logprob", "prev_min_mean_logprob", "prev_min_min_logprob"],
+    "entropy": ["draft_mean_entropy", "draft_max_entropy", "prev_max_mean_entropy", "prev_max_max_entropy"],
+    "length/position": ["draft_tokens", "step", "tokens_so_far", "prompt_tokens"],
+    "text flags": ["draft_has_boxed", "ended"],
+}
+assert sorted(sum(GROUPS.values(), [])) == sorted(BASE_FEATURES)
+TEXT_FEATURES = ["draft_numbers", "draft_new_numbers", "draft_has_equation", "answer_from_question"]
+PROBE_FEATURE = "probe_small_wrong"
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+# ----------------------------------------------------------------------------------------
+# Features beyond the token statistics, known when step t is drafted (no look-ahead).
+# ----------------------------------------------------------------------------------------
+def numbers(text: str) -> list[str]:
+    return [m.group().replace(",", "") for m in NUMBER.finditer(text)]
+
+
+def text_features(question: str, steps: list[dict]) -> list[list[float]]:
+    """TEXT_FEATURES of the state after each drafted step t = 1..n: the draft's numbers, those
+    neither the question nor an earlier step wrote, whether it writes "=", and whether the last
+    number written so far is one of the question's (0.5 before any number is written)."""
+    seen, given, last, rows = set(numbers(question)), set(numbers(question)), None, []
+    for s in steps:
+        nums = numbers(s["text"])
+        new = {x for x in nums if x not in seen}   # distinct
+        seen.update(nums)
+        last = nums[-1] if nums else last
+        rows.append([float(len(nums)), float(len(new)), 1.0 if "=" in s["text"] else 0.0,
+                     0.5 if last is None else float(last in given)])
+    return rows
+
+
+def with_columns(table, extra: torch.Tensor):
+    """The FeatureTable with extra feature columns [Q,T,E] appended."""
+    return dataclasses.replace(table, features=torch.cat([table.features, extra.float()], -1))
+
+
+def subset(table, idx: list):
+    """The table restricted to questions idx (every per-question field)."""
+    Q, index = table.Q, torch.tensor(idx, dtype=torch.long)
+    out = {}
+    for f in dataclasses.fields(table):
+        v = getattr(table, f.name)
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == Q:
+            v = v[index]
+        elif isinstance(v, list) and len(v) == Q:
+            v = [v[i] for i in idx]
+        out[f.name] = v
+    return type(table)(**out)
+
+
+# ----------------------------------------------------------------------------------------
+# One variant: train (S seeds), calibrate on calib, measure on test.
+# ----------------------------------------------------------------------------------------
+def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: int,
+          config: TrainConfig, train_idx=None) -> dict:
+    tr = tabs["train"] if train_idx is None else subset(tabs["train"], train_idx)
+    target = target_of(spec, tr.large_correct)
+    runs = []
+    for seed in range(seeds):
+        policy, _ = train(tr, target, config, columns=columns, features=tuple(features), seed=seed)
+        cal = calibrate_scores(tabs["calib"], policy_probs(policy, tabs["calib"]), spec, delta)
+        point, _ = calibrated_point(tabs["test"], "policy", cal["knob"],
+                                    {"accuracy": cal["accuracy"], "relative_cost": cal["relative_cost"],
+                                     "target": cal["target"], "met": cal["knob"] is not None},
+                                    spec, policy)
+        runs.append({"seed": seed, "kappa": cal["knob"], **{k: point[k] for k in (
+            "accuracy", "relative_cost", "meets_target", "calibration_accuracy",
+            "calibration_relative_cost", "calibration_met")},
+            "test_hindsight_cost": hindsight_cost(tabs["test"], policy_probs(policy, tabs["test"]), spec)})
+    return summarise(runs, n_train=tr.Q, features=features)
+
+
+def summarise(runs: list, **extra) -> dict:
+    def ms(key):
+        xs = [r[key] for r in runs if r[key] is not None]
+        return {"mean": statistics.fmean(xs) if xs else None,
+                "sd": statistics.pstdev(xs) if len(xs) > 1 else 0.0 if xs else None}
+    return {**extra, "accuracy": ms("accuracy"), "relative_cost": ms("relative_cost"),
+            "hindsight_cost": ms("test_hindsight_cost"),
+            "seeds_meeting_target": sum(r["meets_target"] for r in runs), "seeds": len(runs), "runs": runs}
+
+
+def hindsight_cost(test, scores: torch.Tensor, spec: dict):
+    """HINDSIGHT: the cheapest relative cost on the test questions of a first-crossing sweep of
+    `scores` that meets the test target (None where no threshold does)."""
+    grid = torch.unique(torch.cat([scores[test.mask].double(), torch.tensor([0.0, math.inf], dtype=torch.float64)]))
+    sw = sweep(test, scores, grid)
+    c = cost_to_reach(sw["relative_cost"], sw["accuracy"], torch.tensor(target_of(spec, test.large_correct),
+                                                                          dtype=torch.float64)).item()
+    return None if math.isinf(c) else c
+
+
+def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
+    """Every handcrafted router (and extra score routers, e.g. the probe) calibrated on calib,
+    measured on test; plus small, large and the oracle on test; with hindsight costs."""
+    calib, test = tabs["calib"], tabs["test"]
+    res = {}
+    cal = calibrate_baselines(calib, spec, delta)
+    for name, (knob, c) in cal.items():
+        point, _ = calibrated_point(test, name, knob, c, spec)
+        res[name] = point
+        if name in HANDCRAFTED:
+            point["hindsight_cost"] = hindsight_cost(test, method_scores(test, name), spec)
+    for name, (s_cal, s_test) in extra_scores.items():
+        r = calibrate_scores(calib, s_cal, spec, delta)
+        c = {"accuracy": r["accuracy"], "relative_cost": r["relative_cost"], "target": r["target"],
+             "met": r["knob"] is not None}
+        kappa = torch.tensor([r["knob"]], dtype=torch.float64) if r["knob"] is not None else None
+        esc = (torch.full((1, test.Q), test.T + 1) if kappa is None else
+               first_crossing(s_test, test.mask, kappa))
+        sc = score_routes(test, esc)
+        target = target_of(spec, test.large_correct)
+        res[name] = {"knob": r["knob"], "accuracy": sc["accuracy"].item(),
+                     "relative_cost": sc["relative_cost"].item(), "target": target,
+                     "meets_target": sc["accuracy"].item() >= target - 1e-12,
+                     "calibration_accuracy": c["accuracy"], "calibration_relative_cost": c["relative_cost"],
+                     "calibration_target": c["target"], "calibration_met": c["met"],
+                     "hindsight_cost": hindsight_cost(test, s_test, spec)}
+    Q, T = test.Q, test.T
+    target = target_of(spec, test.large_correct)
+    for name, esc in (("small", torch.full((1, Q), T)), ("large", torch.full((1, Q), T + 1)),
+                      ("oracle", oracle_route(test))):
+        sc = score_routes(test, esc)
+        res[name] = {"accuracy": sc["accuracy"].item(), "relative_cost": sc["relative_cost"].item(),
+                     "meets_target": sc["accuracy"].item() >= target - 1e-12}
+    return res
+
+
+# ----------------------------------------------------------------------------------------
+# The hidden-state probe (probe.py): out-of-fold scores on train, a probe fitted on all of
+# train for calib and test.
+# ----------------------------------------------------------------------------------------
+def probe_scores(paths: dict, records: dict, tabs: dict, args) -> dict:
+    """name -> [Q,T] float64 probe probability "the small model's own answer is wrong"."""
+    import probe
+    hidden = {sl: probe.hidden_for_table(paths[sl], None, dtype=args.probe_dtype) for sl in paths}
+
+    def rows(sl):   # X [N,D] (the chosen layer), y [N], group [N], (q, t) of each row
+        X, y, g, at = [], [], [], []
+        for qi, rec in enumerate(records[sl]):
+            h = hidden[sl][rec["id"]]
+            for t in range(h.shape[0]):
+                X.append(h[t, args.probe_layer].float())
+                y.append(0.0 if rec["small"]["correct"] else 1.0)
+                g.append(qi)
+                at.append((qi, t))
+        return torch.stack(X), torch.tensor(y), torch.tensor(g), at
+
+    out = {}
+    Xtr, ytr, gtr, at_tr = rows("train")
+    oof = probe.cross_fit(Xtr, ytr, gtr, folds=args.probe_folds, l2=args.probe_l2, dim=args.probe_dim, seed=0)
+    fitted = probe.fit_probe(Xtr, ytr, l2=args.probe_l2, dim=args.probe_dim)
+    for sl in ("train", "calib", "test"):
+        s = torch.zeros(tabs[sl].Q, tabs[sl].T, dtype=torch.float64)
+        if sl == "train":
+            scores, at = oof, at_tr
+        else:
+            X, _, _, at = rows(sl)
+            scores = fitted.score(X)
+        for (qi, t), v in zip(at, scores.tolist()):
+            s[qi, t] = v
+        out[sl] = s
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# The report.
+# ----------------------------------------------------------------------------------------
+def pm(d: dict, digits=3) -> str:
+    if d["mean"] is None:
+        return "-"
+    return f"{d['mean']:.{digits}f} +- {d['sd']:.{digits}f}"
+
+
+def f3(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"# Ablations: {m['tables']}", "",
+             f"Target: accuracy >= {m['target_relative']} x the large model's on the same questions; "
+             f"train {m['n']['train']}, calibration {m['n']['calib']}, test {m['n']['test']} questions; "
+             f"{m['seeds']} seeds per variant; delta {m['delta']}. Command: `{m['command']}` "
+             f"({m['seconds']:.0f} s on {m['machine']}).", "",
+             "Every router below was calibrated on the calibration questions and measured on the test "
+             "questions. *hindsight cost*: the cheapest point of the router's own threshold sweep that "
+             "meets the target on the TEST questions (chosen in hindsight, not deployable).", "",
+             "## Baselines (calibrated on calib, measured on test)", "",
+             "| router | accuracy | relative cost | meets target | hindsight cost |", "|---|---|---|---|---|"]
+    for name, p in res["baselines"].items():
+        lines.append(f"| {name} | {p['accuracy']:.3f} | {p['relative_cost']:.3f} | "
+                     f"{'yes' if p['meets_target'] else 'no'} | {f3(p.get('hindsight_cost'))} |")
+    lines += ["", f"Test target: {res['test_target']:.3f}. Best calibrated handcrafted router "
+              f"(chosen on calib): {res['best_handcrafted']}.", ""]
+    for section, title in (("features", "1. Feature ablation"), ("learning_curve", "2. Learning curve"),
+                           ("tries", "4. Tries beyond token statistics")):
+        if not res[section]:
+            continue
+        lines += [f"## {title}", "", "| policy | train q | accuracy | relative cost | seeds meeting target "
+                  "| hindsight cost |", "|---|---|---|---|---|---|"]
+        for name, v in res[section].items():
+            lines.append(f"| {name} | {v['n_train']} | {pm(v['accuracy'])} | {pm(v['relative_cost'])} | "
+                         f"{v['seeds_meeting_target']}/{v['seeds']} | {pm(v['hindsight_cost'])} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("--tables", default="results/svamp", metavar="DIR",
+                   help="folder with train, calib and test tables (.jsonl or .jsonl.gz; default results/svamp)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="report to write (.md, and .json beside it; default TABLES/ablations.md)")
+    p.add_argument("--target-relative", type=float, default=0.95, metavar="R",
+                   help="accuracy target R x the large model's (default 0.95)")
+    p.add_argument("--delta", type=float, default=None, help="calibrate with a 1 - delta guarantee (default: plain rule)")
+    p.add_argument("--seeds", type=int, default=5, help="training seeds per variant (default 5)")
+    p.add_argument("--iters", type=int, default=TrainConfig.iters,
+                   help=f"training iterations per policy (default {TrainConfig.iters})")
+    p.add_argument("--skip", nargs="*", default=[], choices=["features", "learning_curve", "tries"],
+                   help="sections to leave out")
+    g = p.add_argument_group("hidden-state probe (probe.py)")
+    g.add_argument("--probe", action="store_true", help="add the probe (reads every question with the small model once; cached)")
+    g.add_argument("--probe-layer", type=int, default=0, help="0: the middle layer, 1: the last (default 0)")
+    g.add_argument("--probe-dim", type=int, default=32, help="PCA dimension before the probe (default 32)")
+    g.add_argument("--probe-l2", type=float, default=1.0, help="L2 penalty of the probe (default 1.0)")
+    g.add_argument("--probe-folds", type=int, default=5, help="cross-fitting folds on train (default 5)")
+    g.add_argument("--probe-dtype", default="float32", help="dtype of the small model (default float32)")
+    add_pricing_args(p)
+    return p
+
+
+def find(tables: Path, sl: str) -> Path:
+    for name in (f"{sl}.jsonl", f"{sl}.jsonl.gz"):
+        if (tables / name).is_file():
+            return tables / name
+    raise UsageError(f"{tables}: no {sl}.jsonl or {sl}.jsonl.gz")
+
+
+def main(argv=None):
+    import platform
+    import sys
+    args = build_parser().parse_args(argv)
+    check_range("--seeds", args.seeds, 1)
+    check_range("--iters", args.iters, 1)
+    check_range("--target-relative", args.target_relative, 0.0, None, lo_open=True)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    tables = Path(args.tables)
+    paths = {sl: find(tables, sl) for sl in ("train", "calib", "test")}
+    records = {sl: read_table(p) for sl, p in paths.items()}
+    tabs = {}
+    for sl, recs in records.items():
+        pricing = pricing_from_args(args, recs)
+        tab = build_table(recs, pricing, prm_price_from_args(args, pricing, recs))
+        extra = torch.zeros(tab.Q, tab.T, len(TEXT_FEATURES))
+        for qi, rec in enumerate(recs):
+            rows = text_features(rec["question"], rec["small"]["steps"])
+            if rows:
+                extra[qi, :len(rows)] = torch.tensor(rows)
+        tabs[sl] = with_columns(tab, extra)
+    columns = FEATURE_NAMES + TEXT_FEATURES
+    spec, delta = {"relative": args.target_relative}, args.delta
+    config = TrainConfig(iters=args.iters)
+    print(f"tables {tables}: train {tabs['train'].Q}, calib {tabs['calib'].Q}, test {tabs['test'].Q} questions; "
+          f"target {args.target_relative} x large; {plural(args.seeds, 'seed')} per variant", flush=True)
+
+    extra_scores = {}
+    if args.probe:
+        scores = probe_scores(paths, records, tabs, args)
+        tabs = {sl: with_columns(tabs[sl], scores[sl][..., None]) for sl in tabs}
+        columns = columns + [PROBE_FEATURE]
+        extra_scores["probe (hidden state)"] = (scores["calib"], scores["test"])
+    base = baselines(tabs, spec, delta, extra_scores)
+    calibrated = {n: base[n] for n in HANDCRAFTED}
+
+    def run(name, features, **kw):
+        t = time.perf_counter()
+        v = judge(tabs, features, columns, spec, delta, args.seeds, config, **kw)
+        print(f"  {name:<34} accuracy {pm(v['accuracy'])}  cost {pm(v['relative_cost'])}  "
+              f"meets {v['seeds_meeting_target']}/{v['seeds']}  ({time.perf_counter() - t:.0f}s)", flush=True)
+        return v
+
+    res = {"features": {}, "learning_curve": {}, "tries": {}}
+    if "features" not in args.skip:
+        print("1. feature ablation", flush=True)
+        res["features"]["all"] = run("all", BASE_FEATURES)
+        for g, names in GROUPS.items():
+            res["features"][f"without {g}"] = run(f"without {g}", [f for f in BASE_FEATURES if f not in names])
+        for g, names in GROUPS.items():
+            res["features"][f"only {g}"] = run(f"only {g}", names)
+    if "learning_curve" not in args.skip:
+        print("2. learning curve", flush=True)
+        order = torch.randperm(tabs["train"].Q, generator=torch.Generator().manual_seed(0)).tolist()
+        sizes = [n for n in (8, 16, 32, 64, 128) if n < tabs["train"].Q] + [tabs["train"].Q]
+        for n in sizes:
+            res["learning_curve"][f"n = {n}"] = run(f"n = {n}", BASE_FEATURES, train_idx=sorted(order[:n]))
+    if "tries" not in args.skip:
+        print("4. tries beyond token statistics", flush=True)
+        res["tries"]["token statistics (the method)"] = res["features"].get("all") or run("all", BASE_FEATURES)
+        res["tries"]["+ running answer"] = run("+ running answer", BASE_FEATURES + TEXT_FEATURES)
+        if args.probe:
+            res["tries"]["+ hidden-state probe"] = run("+ hidden-state probe", BASE_FEATURES + [PROBE_FEATURE])
+            res["tries"]["+ running answer + probe"] = run("+ running answer + probe",
+                                                          BASE_FEATURES + TEXT_FEATURES + [PROBE_FEATURE])
+
+    out = Path(args.out) if args.out else tables / "ablations.md"
+    result = {"meta": {"tables": str(tables), "target_relative": args.target_relative, "delta": delta,
+                       "seeds": args.seeds, "n": {sl: tabs[sl].Q for sl in tabs},
+                       "command": " ".join(["python ablate.py", *(sys.argv[1:] if argv is None else argv)]),
+                       "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
+                       "seconds": time.perf_counter() - start},
+              "test_target": target_of(spec, tabs["test"].large_correct),
+              "baselines": base, "best_handcrafted": best_handcrafted(calibrated), **res}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(markdown(result), encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out} and {out.with_suffix('.json')} in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
