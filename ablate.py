@@ -188,12 +188,18 @@ def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
 # The hidden-state probe (probe.py): out-of-fold scores on train, a probe fitted on all of
 # train for calib and test.
 # ----------------------------------------------------------------------------------------
-def probe_scores(paths: dict, records: dict, tabs: dict, args) -> dict:
-    """name -> [Q,T] float64 probe probability "the small model's own answer is wrong"."""
-    import probe
-    hidden = {sl: probe.hidden_for_table(paths[sl], None, dtype=args.probe_dtype) for sl in paths}
+PROBE_GRID = [(l2, dim) for dim in (8, 32, None) for l2 in (1.0, 10.0, 100.0)]
 
-    def rows(sl):   # X [N,D] (the chosen layer), y [N], group [N], (q, t) of each row
+
+def probe_scores(paths: dict, records: dict, tabs: dict, args) -> tuple[dict, dict]:
+    """[Q,T] float64 probe probabilities "the small model's own answer is wrong" per table, and
+    what was chosen. The probe's L2 penalty and PCA dimension are chosen by out-of-fold AUC on
+    the training questions alone (PROBE_GRID); the training table gets out-of-fold scores, the
+    calibration and test tables the probe fitted on all training questions."""
+    import probe
+    hidden = {sl: probe.hidden_for_table(paths[sl], None, dtype=args.probe_dtype)["hidden"] for sl in paths}
+
+    def rows(sl):   # X [N,D] (the chosen layer), y [N], question of each row, (q, t) of each row
         X, y, g, at = [], [], [], []
         for qi, rec in enumerate(records[sl]):
             h = hidden[sl][rec["id"]]
@@ -202,23 +208,33 @@ def probe_scores(paths: dict, records: dict, tabs: dict, args) -> dict:
                 y.append(0.0 if rec["small"]["correct"] else 1.0)
                 g.append(qi)
                 at.append((qi, t))
-        return torch.stack(X), torch.tensor(y), torch.tensor(g), at
+        return torch.stack(X), torch.tensor(y), g, at
 
-    out = {}
     Xtr, ytr, gtr, at_tr = rows("train")
-    oof = probe.cross_fit(Xtr, ytr, gtr, folds=args.probe_folds, l2=args.probe_l2, dim=args.probe_dim, seed=0)
-    fitted = probe.fit_probe(Xtr, ytr, l2=args.probe_l2, dim=args.probe_dim)
+    if ytr.min() == ytr.max():
+        raise UsageError(f"{paths['train']}: --probe needs training questions that the small model "
+                         "gets right and ones it gets wrong")
+    fits = {}
+    for l2, dim in PROBE_GRID:   # chosen on the training questions only
+        if dim is None or dim < Xtr.shape[0]:
+            oof = probe.cross_fit(Xtr, ytr, gtr, folds=args.probe_folds, l2=l2, seed=0, dim=dim)
+            fits[(l2, dim)] = (probe.auc(oof, ytr), oof)
+    (l2, dim), (train_auc, oof) = max(fits.items(), key=lambda kv: kv[1][0])
+    fitted = probe.fit_probe(Xtr, ytr, l2=l2, dim=dim)
+    out, info = {}, {"layer": ["mid", "last"][args.probe_layer], "l2": l2, "dim": dim,
+                     "train_oof_auc": train_auc}
     for sl in ("train", "calib", "test"):
         s = torch.zeros(tabs[sl].Q, tabs[sl].T, dtype=torch.float64)
         if sl == "train":
             scores, at = oof, at_tr
         else:
-            X, _, _, at = rows(sl)
+            X, y, _, at = rows(sl)
             scores = fitted.score(X)
+            info[f"{sl}_auc"] = probe.auc(scores, y)
         for (qi, t), v in zip(at, scores.tolist()):
             s[qi, t] = v
         out[sl] = s
-    return out
+    return out, info
 
 
 # ----------------------------------------------------------------------------------------
@@ -251,6 +267,12 @@ def markdown(res: dict) -> str:
                      f"{'yes' if p['meets_target'] else 'no'} | {f3(p.get('hindsight_cost'))} |")
     lines += ["", f"Test target: {res['test_target']:.3f}. Best calibrated handcrafted router "
               f"(chosen on calib): {res['best_handcrafted']}.", ""]
+    if res.get("probe"):
+        p = res["probe"]
+        lines += [f"Hidden-state probe ({p['layer']} layer; L2 {p['l2']:g}, PCA {p['dim']}, chosen by "
+                  f"out-of-fold AUC on the training questions): AUC of \"the small model's answer is "
+                  f"wrong\" per step {p['train_oof_auc']:.3f} on train (out of fold), {p['calib_auc']:.3f} "
+                  f"on calib, {p['test_auc']:.3f} on test.", ""]
     for section, title in (("features", "1. Feature ablation"), ("learning_curve", "2. Learning curve"),
                            ("tries", "4. Tries beyond token statistics")):
         if not res[section]:
@@ -282,8 +304,6 @@ def build_parser():
     g = p.add_argument_group("hidden-state probe (probe.py)")
     g.add_argument("--probe", action="store_true", help="add the probe (reads every question with the small model once; cached)")
     g.add_argument("--probe-layer", type=int, default=0, help="0: the middle layer, 1: the last (default 0)")
-    g.add_argument("--probe-dim", type=int, default=32, help="PCA dimension before the probe (default 32)")
-    g.add_argument("--probe-l2", type=float, default=1.0, help="L2 penalty of the probe (default 1.0)")
     g.add_argument("--probe-folds", type=int, default=5, help="cross-fitting folds on train (default 5)")
     g.add_argument("--probe-dtype", default="float32", help="dtype of the small model (default float32)")
     add_pricing_args(p)
@@ -325,9 +345,13 @@ def main(argv=None):
     print(f"tables {tables}: train {tabs['train'].Q}, calib {tabs['calib'].Q}, test {tabs['test'].Q} questions; "
           f"target {args.target_relative} x large; {plural(args.seeds, 'seed')} per variant", flush=True)
 
-    extra_scores = {}
+    extra_scores, probe_info = {}, None
     if args.probe:
-        scores = probe_scores(paths, records, tabs, args)
+        scores, probe_info = probe_scores(paths, records, tabs, args)
+        print(f"probe on the {probe_info['layer']} layer: l2 {probe_info['l2']:g}, PCA {probe_info['dim']}; "
+              f"AUC of 'the small answer is wrong' per step: train (out of fold) "
+              f"{probe_info['train_oof_auc']:.3f}, calib {probe_info['calib_auc']:.3f}, "
+              f"test {probe_info['test_auc']:.3f}", flush=True)
         tabs = {sl: with_columns(tabs[sl], scores[sl][..., None]) for sl in tabs}
         columns = columns + [PROBE_FEATURE]
         extra_scores["probe (hidden state)"] = (scores["calib"], scores["test"])
@@ -371,7 +395,7 @@ def main(argv=None):
                        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
                        "seconds": time.perf_counter() - start},
               "test_target": target_of(spec, tabs["test"].large_correct),
-              "baselines": base, "best_handcrafted": best_handcrafted(calibrated), **res}
+              "baselines": base, "best_handcrafted": best_handcrafted(calibrated), "probe": probe_info, **res}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(result), encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

@@ -91,3 +91,49 @@ def test_missing_table_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--tables", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no train.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_probe_scores_are_out_of_fold_on_train_and_fitted_on_train_elsewhere(tiny_table, tmp_path, monkeypatch):
+    """The probe try on the tiny pool: states from probe.py, the probe's settings chosen by
+    out-of-fold AUC on the training questions, train scored out of fold, calib/test by the
+    probe fitted on all training questions; padded steps score 0."""
+    import types
+    import probe
+    import table as tb
+    import train_policy as tp
+    monkeypatch.chdir(tmp_path)   # the hidden-state cache goes to ./runs/hidden
+    recs = tiny_table["records"]
+    parts = {"train": recs[2:6], "calib": recs[:2], "test": recs[6:8]}   # train: 2 right, 2 wrong
+    paths = {sl: write_jsonl(tmp_path / f"{sl}.jsonl", r) for sl, r in parts.items()}
+    tabs = {sl: tp.build_table(r, tb.Pricing(1.0, 1.0, 1.0, 1.0)) for sl, r in parts.items()}
+    args = types.SimpleNamespace(probe_dtype="float32", probe_layer=0, probe_folds=2)
+    scores, info = ablate.probe_scores(paths, parts, tabs, args)
+
+    def rows(sl):
+        h = probe.hidden_for_table(paths[sl])["hidden"]
+        X = torch.stack([h[r["id"]][t, 0].float() for r in parts[sl] for t in range(len(r["small"]["steps"]))])
+        y = torch.tensor([0.0 if r["small"]["correct"] else 1.0 for r in parts[sl] for _ in r["small"]["steps"]])
+        g = [i for i, r in enumerate(parts[sl]) for _ in r["small"]["steps"]]
+        return X, y, g
+
+    def placed(sl, values):
+        out = torch.zeros(tabs[sl].Q, tabs[sl].T, dtype=torch.float64)
+        it = iter(values.tolist())
+        for qi, r in enumerate(parts[sl]):
+            for t in range(len(r["small"]["steps"])):
+                out[qi, t] = next(it)
+        return out
+
+    Xtr, ytr, gtr = rows("train")
+    aucs = {(l2, dim): probe.auc(probe.cross_fit(Xtr, ytr, gtr, folds=2, l2=l2, seed=0, dim=dim), ytr)
+            for l2, dim in ablate.PROBE_GRID if dim is None or dim < Xtr.shape[0]}
+    assert info["train_oof_auc"] == max(aucs.values())
+    assert aucs[(info["l2"], info["dim"])] == info["train_oof_auc"]
+    oof = probe.cross_fit(Xtr, ytr, gtr, folds=2, l2=info["l2"], seed=0, dim=info["dim"])
+    assert torch.allclose(scores["train"], placed("train", oof))
+    fitted = probe.fit_probe(Xtr, ytr, l2=info["l2"], dim=info["dim"])
+    for sl in ("calib", "test"):
+        X, _, _ = rows(sl)
+        assert torch.allclose(scores[sl], placed(sl, fitted.score(X)))
+        assert (scores[sl][~tabs[sl].mask] == 0).all()
+    assert (tmp_path / "runs" / "hidden").is_dir()
