@@ -104,6 +104,19 @@ def add_api_args(p) -> None:
                    help="retries of a failed request (429, 5xx, timeouts) before the run stops (default 6)")
 
 
+def add_model_args(p, max_new_tokens: int = 1024) -> None:
+    """How the pool's local models run, for rollout.py and route.py (one meaning in both)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"token limit of every generation; route.py should use the table's "
+                        f"(default {max_new_tokens})")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU where there is one, else cpu), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on GPUs and on CPUs that compute in it, else float32), "
+                        "bfloat16, float16 or float32 (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of torch and of servers (default 0)")
+
+
 class Progress:
     """A progress line per finished question (done/total, seconds per question, time left),
     also when stderr is not a terminal (a build in the background logs to a file)."""

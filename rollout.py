@@ -43,7 +43,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli import Progress, UsageError, add_api_args, hub_online, make_parser, run_cli
+from cli import Progress, UsageError, add_api_args, add_model_args, hub_online, make_parser, run_cli
 from engine import (LM, Continuation, finish_shard, load_lm, merge_parts, part_files, part_path,
                     resolve_device, shard_of_env, size_engines)
 from table import SCHEMA, append_record, check_resumable
@@ -82,8 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--prm-batch-size", type=int, default=8,
                    help="solutions the PRM scores in one forward pass (default 8)")
     add_api_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=1024,
-                   help="token limit of every generation (default 1024)")
+    add_model_args(p)
     p.add_argument("--batch-size", default="16",
                    help="sequences decoded together (slots), or 'auto': as many as free GPU "
                         "memory holds (up to 512; 16 on a CPU) (default 16)")
@@ -95,11 +94,6 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="decode through CUDA graphs captured once per cache-length bucket "
                         "(GPU only; removes the kernel-launch overhead of eager decoding)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on GPUs and on CPUs with native bf16, else float32), "
-                        "bfloat16, float16, float32 (default auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed of torch and of servers (default 0)")
     args = p.parse_args(argv)
     for flag in ("batch_size", "chunk_size"):
         value = getattr(args, flag)

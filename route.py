@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli import UsageError, add_api_args, make_parser, run_cli
+from cli import UsageError, add_api_args, add_model_args, make_parser, run_cli
 from engine import load_lm, resolve_device
 from rollout import DEFAULT_LARGE, DEFAULT_SMALL, extract_answer, load_model
 
@@ -236,8 +236,6 @@ def build_parser():
     p.add_argument("--prm", metavar="MODEL",
                    help="process reward model for a policy trained --with-prm (default: the "
                         "policy's pool.prm.model); each draft is scored live")
-    p.add_argument("--max-new-tokens", type=int, default=1024, metavar="N",
-                   help="token limit per model, as rollout.py's (default 1024)")
     p.add_argument("--escalate-at", type=int, metavar="K",
                    help="force escalation at step K, ignoring the policy (0: the large model alone)")
     p.add_argument("--interactive", action="store_true",
@@ -245,13 +243,7 @@ def build_parser():
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the run on the last line of stdout "
                         "(the live display goes to stderr)")
-    p.add_argument("--device", default="auto",
-                   help="auto (a GPU where there is one, else cpu), cpu, cuda or cuda:N "
-                        "(default auto)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 where the hardware computes in it, else float32), "
-                        "bfloat16, float16 or float32 (default auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed sent to servers (default 0)")
+    add_model_args(p)
     add_api_args(p)
     return p
 
