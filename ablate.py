@@ -22,7 +22,8 @@ like. Then:
    each router, the cheapest point of its threshold sweep on the test questions that meets the
    test target; the oracle's cost. How far is each router from what its scores allow, and how
    far are all of them from the oracle?
-4. **Tries beyond token statistics.** (a) The running answer, read from the drafted text
+4. **Tries.** The policy's capacity (a linear policy; one hidden layer of 16) on the same
+   features. Beyond token statistics: (a) the running answer, read from the drafted text
    (text_features: how many numbers a step writes, how many are new, whether it writes an
    equation, whether the last number so far is one the question gave). (b) With --probe, a
    linear probe on the small model's hidden state at the end of each drafted step (probe.py):
@@ -110,7 +111,11 @@ def subset(table, idx: list):
 # One variant: train (S seeds), calibrate on calib, measure on test.
 # ----------------------------------------------------------------------------------------
 def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: int,
-          config: TrainConfig, train_idx=None) -> dict:
+          config: TrainConfig, train_idx=None, **overrides) -> dict:
+    """The policy on `features` (TrainConfig `config` with `overrides`), trained on the train
+    table (or its questions train_idx) with seeds 0..seeds-1, each calibrated on calib and
+    measured on test."""
+    config = dataclasses.replace(config, **overrides)
     tr = tabs["train"] if train_idx is None else subset(tabs["train"], train_idx)
     target = target_of(spec, tr.large_correct)
     runs = []
@@ -382,6 +387,8 @@ def main(argv=None):
     if "tries" not in args.skip:
         print("4. tries beyond token statistics", flush=True)
         res["tries"]["token statistics (the method)"] = res["features"].get("all") or run("all", BASE_FEATURES)
+        res["tries"]["linear policy (no hidden layer)"] = run("linear policy", BASE_FEATURES, hidden=())
+        res["tries"]["smaller MLP (one hidden layer of 16)"] = run("MLP 16", BASE_FEATURES, hidden=(16,))
         res["tries"]["+ running answer"] = run("+ running answer", BASE_FEATURES + TEXT_FEATURES)
         if args.probe:
             res["tries"]["+ hidden-state probe"] = run("+ hidden-state probe", BASE_FEATURES + [PROBE_FEATURE])
