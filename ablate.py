@@ -124,7 +124,7 @@ def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: i
         cal = calibrate_scores(tabs["calib"], policy_probs(policy, tabs["calib"]), spec, delta)
         point, _ = calibrated_point(tabs["test"], "policy", cal["knob"],
                                     {"accuracy": cal["accuracy"], "relative_cost": cal["relative_cost"],
-                                     "target": cal["target"], "met": cal["knob"] is not None},
+                                     "target": cal["target"], "met": cal["met"]},
                                     spec, policy)
         runs.append({"seed": seed, "kappa": cal["knob"], **{k: point[k] for k in (
             "accuracy", "relative_cost", "meets_target", "calibration_accuracy",
@@ -167,7 +167,7 @@ def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
     for name, (s_cal, s_test) in extra_scores.items():
         r = calibrate_scores(calib, s_cal, spec, delta)
         c = {"accuracy": r["accuracy"], "relative_cost": r["relative_cost"], "target": r["target"],
-             "met": r["knob"] is not None}
+             "met": r["met"]}
         kappa = torch.tensor([r["knob"]], dtype=torch.float64) if r["knob"] is not None else None
         esc = (torch.full((1, test.Q), test.T + 1) if kappa is None else
                first_crossing(s_test, test.mask, kappa))

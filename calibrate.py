@@ -26,7 +26,10 @@ finite-sample betting bound (hedged capital, Waudby-Smith & Ramdas 2024).
 
 If no kappa meets the target, the answer is the large model alone (cheaper than escalating
 at step 1, which pays for a draft): calibration.json says `"kappa": null, "fallback":
-"large"`, and every later stage treats it so. A one-line warning says when the calibration
+"large"`, and every later stage treats it so. The same answer is given where every kappa
+that meets the target costs more than the large model alone (`prefer_large`; "met" is then
+true: the large model alone is as accurate as escalating at step 1, the first threshold
+tested). A one-line warning says when the calibration
 set is too small (fewer than 20 questions) or the target is 0 for the choice to mean much.
 
 The same rule (`calibrate_scores()` / `choose_threshold()`) calibrates every handcrafted
@@ -181,8 +184,18 @@ def calibrate_scores(table: Table, scores: torch.Tensor, spec: dict, delta: floa
     per_question = lambda a, b: route_outcomes(table, first_crossing(scores, table.mask, grid[a:b]))["correct"]
     i = choose_threshold(swept["accuracy"], swept["relative_cost"], per_question,
                          table.large_correct, spec, delta)
+    met, i = i is not None, prefer_large(i, swept["relative_cost"])
     return {"grid": grid, "swept": swept, "index": i, "knob": None if i is None else grid[i].item(),
-            **chosen_point(table, swept, i, spec)}
+            "met": met, **chosen_point(table, swept, i, spec)}
+
+
+def prefer_large(i, cost: torch.Tensor):
+    """The chosen index, or None (the large model alone) where the chosen threshold costs more
+    than the large model alone (relative cost 1). The large model alone then meets the target
+    too: it is exactly as accurate, question by question, as escalating at step 1, the most
+    conservative threshold, which was tested first and accepted; it just does not pay for a
+    draft that is thrown away."""
+    return None if i is None or cost[i].item() > 1.0 + 1e-12 else i
 
 
 def chosen_point(table: Table, swept: dict, i, spec: dict) -> dict:
@@ -305,11 +318,15 @@ def main(argv=None):
     p = policy_probs(policy, table)
     result = calibrate_scores(table, p, target_spec, args.delta)
     grid, acc, cost = result["grid"], result["swept"]["accuracy"], result["swept"]["relative_cost"]
-    chosen, met = result["index"], result["index"] is not None
+    chosen, met = result["index"], result["met"]
     if not met:
         print(f"no kappa meets the target accuracy {target:.4f} on {args.data}"
               f"{' with delta ' + str(args.delta) if args.delta else ''}; the answer is the large "
               f"model alone (kappa null, fallback large)", file=sys.stderr)
+    elif chosen is None:
+        print(f"every kappa that meets the target accuracy {target:.4f} costs more than the large "
+              f"model alone (it pays for drafts the large model redoes); the answer is the large "
+              f"model alone (kappa null, fallback large), which meets it too", file=sys.stderr)
 
     print(f"{plural(table.Q, 'calibration question')}; large accuracy {large_acc:.4f}, small "
           f"{table.small_correct.mean():.4f}; target {target:.4f} {target_spec}; "
@@ -320,7 +337,7 @@ def main(argv=None):
         print(f"{format_kappa(grid[i].item()):>22} {acc[i].item():9.4f} {cost[i].item():9.4f}"
               f"{'  <- chosen' if i == chosen else ''}")
 
-    cal = {"kappa": result["knob"], "fallback": None if met else "large",
+    cal = {"kappa": result["knob"], "fallback": None if chosen is not None else "large",
            "target": target, "target_spec": target_spec,
            "accuracy": result["accuracy"], "relative_cost": result["relative_cost"],
            "large_share": result["large_share"], "large_accuracy": large_acc,

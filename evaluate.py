@@ -46,8 +46,9 @@ questions); large share (share of generated tokens written by the large model). 
   that share of the large model's accuracy (null / "never" if no point reaches it).
 - the calibrated point: kappa, accuracy, relative cost, and whether it meets its target on
   the test questions (a relative target is re-judged against the large model's accuracy on
-  the test questions). kappa null (no threshold met the target on calibration) is the large
-  model alone: all-large cost, no draft.
+  the test questions). kappa null (no threshold met the target on calibration, or every one
+  that did cost more than the large model alone) is the large model alone: all-large cost,
+  no draft.
 
 Calibrated baselines (`--calib-data TABLE`): the swept frontiers pick each method's point in
 hindsight on the test questions, which no deployed router can do. So every handcrafted router
@@ -78,8 +79,8 @@ from pathlib import Path
 
 import torch
 
-from calibrate import (calibrate_scores, choose_threshold, chosen_point, load_calibration, sha256,
-                       warn_pool)
+from calibrate import (calibrate_scores, choose_threshold, chosen_point, load_calibration, prefer_large,
+                       sha256, warn_pool)
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from report import plot_escalation_steps, plot_tradeoff, write_markdown
 from table import (Table, add_pricing_args, aggregate, check_overlap, first_crossing, outcome_columns,
@@ -208,7 +209,8 @@ def calibrate_random(table: Table, spec: dict, delta) -> dict:
     swept = aggregate(table, out)
     i = choose_threshold(swept["accuracy"], swept["relative_cost"], lambda a, b: out["correct"][a:b],
                          table.large_correct, spec, delta)
-    return {"knob": None if i is None else ps[i], **chosen_point(table, swept, i, spec)}
+    met, i = i is not None, prefer_large(i, swept["relative_cost"])
+    return {"knob": None if i is None else ps[i], "met": met, **chosen_point(table, swept, i, spec)}
 
 
 def apply_knob(table: Table, name: str, knob, policy=None) -> dict:
@@ -253,7 +255,7 @@ def calibrate_baselines(calib: Table, spec: dict, delta, policy_prm=None) -> dic
         res[name] = calibrate_scores(scored_table(calib, name), method_scores(calib, name, policy_prm),
                                      spec, delta)
     return {name: (r["knob"], {"accuracy": r["accuracy"], "relative_cost": r["relative_cost"],
-                               "target": r["target"], "met": r["knob"] is not None})
+                               "target": r["target"], "met": r["met"]})
             for name, r in res.items()}
 
 

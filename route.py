@@ -21,8 +21,9 @@ live routing (tests/test_route.py checks it).
 --small/--large default to the pool recorded in the policy file (a folder of fetch_models.py
 that is not where the policy says is looked up in this machine's model cache). The calibration
 must be the one made for this policy (checked by the policy file's sha256, as evaluate.py
-does). A calibration in which no threshold met the target (`"kappa": null, "fallback":
-"large"`) means the large model alone: nothing is drafted. The large model is loaded only
+does). A calibration whose answer is the large model alone (`"kappa": null, "fallback":
+"large"`: no threshold met the target, or every one that did cost more than the large model
+alone) means just that: nothing is drafted. The large model is loaded only
 when a question escalates (in --interactive both are loaded up front). --escalate-at K
 forces escalation at step K (K = 0: the large model alone), ignoring the policy.
 """
@@ -143,8 +144,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     steps, accepted, escalated_at, small_tokens, prm_read = [], [], None, 0, 0
     if large_only:
         escalated_at = 0
-        display.note("large model only" + (" (the calibration's fallback: no threshold met "
-                                            "its target)" if escalate_at is None else ""))
+        display.note("large model only" + (" (the calibration's fallback)" if escalate_at is None else ""))
     else:
         # ALGO LOGIC: draft a step, score its state, escalate at the first p >= kappa
         drafter = need(small).drafter(question, max_new_tokens)

@@ -296,3 +296,32 @@ def test_bad_inputs_exit_2_with_one_line(trained, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, res.stderr
         assert lines[0] == f"calibrate.py: error: {message}"
+
+
+def test_large_alone_when_every_passing_threshold_costs_more():
+    """Two questions the small model gets wrong, where only escalating at step 1 is right:
+    the only threshold that meets a relative target of 1.0 is "always escalate at step 1",
+    which pays for a draft on top of the large model's whole solution. The answer is the
+    large model alone: met, kappa null, accuracy = the large model's, relative cost exactly 1."""
+    from synthetic import record, step
+    import evaluate as ev
+    recs = [record("a", [step(10), step(10)], [(20, True), (10, False)], False),
+            record("b", [step(5), step(5), step(5)], [(30, True), (20, False), (10, False)], False)]
+    t = table_of(recs)
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.3]], dtype=torch.float64)
+    for delta in (None,):
+        res = cb.calibrate_scores(t, scores, {"relative": 1.0}, delta)
+        assert res["met"] is True and res["index"] is None and res["knob"] is None
+        assert res["accuracy"] == 1.0 and res["relative_cost"] == pytest.approx(1.0, abs=1e-12)
+        # what the plain rule accepted was dearer than the large model alone
+        plain = cb.choose_threshold(res["swept"]["accuracy"], res["swept"]["relative_cost"],
+                                    lambda a, b: None, t.large_correct, {"relative": 1.0}, None)
+        assert plain is not None and res["swept"]["relative_cost"][plain] > 1.0
+        rnd = ev.calibrate_random(t, {"relative": 1.0}, delta)
+        assert rnd["met"] is True and rnd["knob"] is None and rnd["relative_cost"] == pytest.approx(1.0)
+    # with delta, two questions certify nothing at R = 1: not met, the large model alone all the same
+    res = cb.calibrate_scores(t, scores, {"relative": 1.0}, 0.5)
+    assert res["met"] is False and res["index"] is None and res["relative_cost"] == pytest.approx(1.0)
+    # a target the small model's own answers meet: a real threshold, cheaper than the large model
+    res = cb.calibrate_scores(t, scores, {"accuracy": 0.0}, None)
+    assert res["met"] and res["index"] is not None and res["relative_cost"] < 1.0

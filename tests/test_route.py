@@ -54,10 +54,14 @@ def test_forced_escalation_matches_the_table(tiny_table, tiny_lms):
 def trained(tiny_table, tmp_path_factory):
     d = tmp_path_factory.mktemp("policy")
     policy, calib = d / "policy.pt", d / "calibration.json"
+    # the tiny pool's two models have the same size: priced so, a late escalation costs more
+    # than the large model alone, and calibration would answer "the large model alone"; priced
+    # as a real pool (the large model 10x the small), part-way escalation pays
+    prices = ["--price-small", "0,1", "--price-large", "0,10"]
     train_policy.main(["--train", str(tiny_table["out"]), "--target-relative", "0.9",
-                       "--out", str(policy), "--iters", "60", "--seed", "0"])
+                       "--out", str(policy), "--iters", "60", "--seed", "0", *prices])
     calibrate.main(["--policy", str(policy), "--data", str(tiny_table["out"]),
-                    "--target-relative", "0.9", "--out", str(calib), "--allow-overlap"])
+                    "--target-relative", "0.9", "--out", str(calib), "--allow-overlap", *prices])
     return policy, calib  # calibrated on its own training table: only routes are compared
 
 
