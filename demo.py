@@ -35,7 +35,7 @@ Run it from the repository root:
 
 It resumes: a stage whose output is newer than its inputs and made with these settings is
 skipped. `--build`, or --train/--calib/--test counts larger than the tables hold (the committed
-build: 204, 102, 150), first extends the tables with rollout.py (resumable; about 1.5-2 minutes
+build: 204, 102, 150), first extends the tables with rollout.py (resumable; about 1 minute
 per question on a 2-core CPU, minutes in all on a GPU).
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ DEFAULT_TABLES = "results/svamp"
 DEFAULT_OUT = "runs/demo"
 DEPLOYED_TARGET = 0.95
 ROLLOUT = {"dataset": "svamp", "split": "test", "max_new_tokens": 320, "dtype": "float32",
-           "batch_size": 16}
+           "batch_size": "auto"}
 HELD_OUT = (900, 1000)  # SVAMP positions in no table: the live question comes from here
 
 

@@ -83,9 +83,9 @@ def parse_args(argv=None):
                    help="solutions the PRM scores in one forward pass (default 8)")
     add_api_args(p)
     add_model_args(p)
-    p.add_argument("--batch-size", default="16",
+    p.add_argument("--batch-size", default="auto",
                    help="sequences decoded together (slots), or 'auto': as many as free GPU "
-                        "memory holds (up to 512; 16 on a CPU) (default 16)")
+                        "memory holds (up to 512), 64 on a CPU (default auto)")
     p.add_argument("--chunk-size", default="auto",
                    help="questions per round: the small model's solutions of a round are "
                         "decoded together, then their continuations; each question's line is "

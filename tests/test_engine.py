@@ -84,12 +84,19 @@ def test_engine_buckets_and_token_limit(tiny_lms):
 def test_auto_batch_size(tiny_lms, monkeypatch):
     import torch
     small, large = tiny_lms
-    assert auto_batch_size([(small, 1000)], "cpu") == 16
     per_token = engine.kv_bytes_per_token(small.model)
     cfg = small.model.config
     assert per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * \
         (cfg.hidden_size // cfg.num_attention_heads) * 4  # float32
     per_slot = per_token * 1000 + 16 * cfg.vocab_size
+    # a CPU: 64 (engine.CPU_BATCH) where RAM allows, fewer where it does not
+    assert engine.available_memory() > 0
+    for avail, expect in [(10_000 * per_slot, 64), (20 * per_slot / 0.75, 16), (3 * per_slot / 0.75, 3)]:
+        monkeypatch.setattr(engine, "available_memory", lambda a=avail: int(a) + 1)
+        assert auto_batch_size([(small, 1000)], "cpu") == expect
+    monkeypatch.setattr(engine, "available_memory", lambda: per_slot // 2)
+    with pytest.raises(UsageError, match="available memory"):
+        auto_batch_size([(small, 1000)], "cpu")
     for free, expect in [(100 * per_slot / 0.75, 96), (5 * per_slot / 0.75, 5),
                          (10_000 * per_slot, 512)]:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free: (int(f) + 1, 0))
