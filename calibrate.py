@@ -352,6 +352,7 @@ def main(argv=None):
            "warning": warning,
            "policy": str(args.policy), "policy_sha256": sha256(args.policy),
            "data": str(args.data), "pool": table.pool, "pricing": asdict(table.pricing),
+           "prm_price": table.prm_price if table.prm_priced else None,
            "question_hashes": table.hashes,
            "command": " ".join(sys.argv if argv is None else ["calibrate.py", *argv])}
     out = Path(args.out)

@@ -321,6 +321,8 @@ def test_with_prm_trains_calibrates_and_evaluates(tmp_path):
     assert p.meta["prm_price"] == 2.0 * PRM_PARAMS
     assert cb.main(["--policy", pol, "--data", calib, "--target-relative", "0.9",
                     "--out", str(tmp_path / "cal.json")]) == 0
+    # the calibration records the price of a PRM token it charged (FLOPs: 2 x its parameters)
+    assert json.loads((tmp_path / "cal.json").read_text())["prm_price"] == 2.0 * PRM_PARAMS
     assert ev.main(["--data", test, "--policy", pol, "--calibration", str(tmp_path / "cal.json"),
                     "--calib-data", calib, "--policy-prm", pol, "--out", str(tmp_path / "e"),
                     "--bootstrap", "0"]) == 0
