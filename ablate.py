@@ -49,8 +49,8 @@ import torch
 from calibrate import calibrate_scores
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from evaluate import (HANDCRAFTED, best_handcrafted, calibrate_baselines, calibrated_point,
-                      cost_to_reach, method_scores, oracle_route)
-from table import (add_pricing_args, first_crossing, prm_price_from_args, pricing_from_args, read_table,
+                      calibration_summary, cost_to_reach, method_scores, oracle_route)
+from table import (add_pricing_args, find_table, prm_price_from_args, pricing_from_args, read_table,
                    score_routes, sweep, target_of)
 from train_policy import BASE_FEATURES, FEATURE_NAMES, TrainConfig, build_table, policy_probs, train
 
@@ -122,10 +122,7 @@ def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: i
     for seed in range(seeds):
         policy, _ = train(tr, target, config, columns=columns, features=tuple(features), seed=seed)
         cal = calibrate_scores(tabs["calib"], policy_probs(policy, tabs["calib"]), spec, delta)
-        point, _ = calibrated_point(tabs["test"], "policy", cal["knob"],
-                                    {"accuracy": cal["accuracy"], "relative_cost": cal["relative_cost"],
-                                     "target": cal["target"], "met": cal["met"]},
-                                    spec, policy)
+        point, _ = calibrated_point(tabs["test"], "policy", cal["knob"], calibration_summary(cal), spec, policy)
         runs.append({"seed": seed, "kappa": cal["knob"], **{k: point[k] for k in (
             "accuracy", "relative_cost", "meets_target", "calibration_accuracy",
             "calibration_relative_cost", "calibration_met")},
@@ -166,19 +163,8 @@ def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
             point["hindsight_cost"] = hindsight_cost(test, method_scores(test, name), spec)
     for name, (s_cal, s_test) in extra_scores.items():
         r = calibrate_scores(calib, s_cal, spec, delta)
-        c = {"accuracy": r["accuracy"], "relative_cost": r["relative_cost"], "target": r["target"],
-             "met": r["met"]}
-        kappa = torch.tensor([r["knob"]], dtype=torch.float64) if r["knob"] is not None else None
-        esc = (torch.full((1, test.Q), test.T + 1) if kappa is None else
-               first_crossing(s_test, test.mask, kappa))
-        sc = score_routes(test, esc)
-        target = target_of(spec, test.large_correct)
-        res[name] = {"knob": r["knob"], "accuracy": sc["accuracy"].item(),
-                     "relative_cost": sc["relative_cost"].item(), "target": target,
-                     "meets_target": sc["accuracy"].item() >= target - 1e-12,
-                     "calibration_accuracy": c["accuracy"], "calibration_relative_cost": c["relative_cost"],
-                     "calibration_target": c["target"], "calibration_met": c["met"],
-                     "hindsight_cost": hindsight_cost(test, s_test, spec)}
+        point, _ = calibrated_point(test, name, r["knob"], calibration_summary(r), spec, scores=s_test)
+        res[name] = {**point, "hindsight_cost": hindsight_cost(test, s_test, spec)}
     Q, T = test.Q, test.T
     target = target_of(spec, test.large_correct)
     for name, esc in (("small", torch.full((1, Q), T)), ("large", torch.full((1, Q), T + 1)),
@@ -316,10 +302,10 @@ def build_parser():
 
 
 def find(tables: Path, sl: str) -> Path:
-    for name in (f"{sl}.jsonl", f"{sl}.jsonl.gz"):
-        if (tables / name).is_file():
-            return tables / name
-    raise UsageError(f"{tables}: no {sl}.jsonl or {sl}.jsonl.gz")
+    path = find_table(tables, sl)
+    if path is None:
+        raise UsageError(f"{tables}: no {sl}.jsonl or {sl}.jsonl.gz")
+    return path
 
 
 def main(argv=None):

@@ -29,8 +29,8 @@ at step 1, which pays for a draft): calibration.json says `"kappa": null, "fallb
 "large"`, and every later stage treats it so. The same answer is given where every kappa
 that meets the target costs more than the large model alone (`prefer_large`; "met" is then
 true: the large model alone is as accurate as escalating at step 1, the first threshold
-tested). A one-line warning says when the calibration
-set is too small (fewer than 20 questions) or the target is 0 for the choice to mean much.
+tested). A one-line warning says when the calibration set is too small (fewer than 20
+questions) or the target is 0 for the choice to mean much.
 
 The same rule (`calibrate_scores()` / `choose_threshold()`) calibrates every handcrafted
 router in evaluate.py --calib-data, so that the policy is compared with deployable baselines.

@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 
 from cli import UsageError, make_parser, plural, run_cli
+from table import find_table
 
 REPO = Path(__file__).resolve().parent
 SLICES = ("train", "calib", "test")
@@ -103,13 +104,6 @@ def regions(n: int) -> dict:
 # ----------------------------------------------------------------------------------------
 # The tables.
 # ----------------------------------------------------------------------------------------
-def find_table(tables: Path, sl: str) -> Path | None:
-    for name in (f"{sl}.jsonl", f"{sl}.jsonl.gz"):
-        if (tables / name).is_file():
-            return tables / name
-    return None
-
-
 def table_ids(path: Path) -> set:
     """Ids of the whole lines of a table (a torn tail, which rollout.py cuts off when it
     resumes, is not counted)."""

@@ -213,23 +213,31 @@ def calibrate_random(table: Table, spec: dict, delta) -> dict:
     return {"knob": None if i is None else ps[i], "met": met, **chosen_point(table, swept, i, spec)}
 
 
-def apply_knob(table: Table, name: str, knob, policy=None) -> dict:
+def apply_knob(table: Table, name: str, knob, policy=None, scores=None) -> dict:
     """Per-question outcomes [1,Q] of a calibrated router on a table (knob None: the large
-    model alone)."""
+    model alone). `scores` [Q,T]: a first-crossing router's scores where `name` is none of
+    method_scores()'s (ablate.py's experimental routers)."""
     if knob is None:
         return route_outcomes(table, torch.full((1, table.Q), table.T + 1))
     if name == "random":
         return random_outcomes(table, [knob])
     kappa = torch.tensor([knob], dtype=torch.float64)
-    return route_outcomes(scored_table(table, name, policy),
-                          first_crossing(method_scores(table, name, policy), table.mask, kappa))
+    scores = method_scores(table, name, policy) if scores is None else scores
+    return route_outcomes(scored_table(table, name, policy), first_crossing(scores, table.mask, kappa))
 
 
-def calibrated_point(test: Table, name: str, knob, calibration: dict, spec: dict, policy=None):
+def calibration_summary(r: dict) -> dict:
+    """What calibrated_point() keeps of a calibration (calibrate_scores' result)."""
+    return {"accuracy": r["accuracy"], "relative_cost": r["relative_cost"], "target": r["target"],
+            "met": r["met"]}
+
+
+def calibrated_point(test: Table, name: str, knob, calibration: dict, spec: dict, policy=None,
+                     scores=None):
     """{"knob", "accuracy", "relative_cost", "large_share", "target", "meets_target", ...} on the
     test questions, and the per-question outcomes [1,Q]. A relative target is judged against
     the large model's accuracy on the test questions."""
-    out = apply_knob(test, name, knob, policy)
+    out = apply_knob(test, name, knob, policy, scores)
     sc = aggregate(test, out)
     target = target_of(spec, test.large_correct)
     sign = HANDCRAFTED[name][1] if name in HANDCRAFTED else 1
@@ -254,9 +262,7 @@ def calibrate_baselines(calib: Table, spec: dict, delta, policy_prm=None) -> dic
     for name in names:
         res[name] = calibrate_scores(scored_table(calib, name), method_scores(calib, name, policy_prm),
                                      spec, delta)
-    return {name: (r["knob"], {"accuracy": r["accuracy"], "relative_cost": r["relative_cost"],
-                               "target": r["target"], "met": r["met"]})
-            for name, r in res.items()}
+    return {name: (r["knob"], calibration_summary(r)) for name, r in res.items()}
 
 
 def best_handcrafted(calibrated: dict) -> str:

@@ -110,6 +110,14 @@ def read_table(path) -> list[dict]:
     return records
 
 
+def find_table(folder, name: str):
+    """folder/name.jsonl, else folder/name.jsonl.gz, else None."""
+    for path in (Path(folder) / f"{name}.jsonl", Path(folder) / f"{name}.jsonl.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
 def done_ids(path) -> set[str]:
     """Ids already in an output table (for resuming). A torn last line is dropped."""
     path = Path(path)
