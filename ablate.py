@@ -51,7 +51,7 @@ from cli import UsageError, check_range, make_parser, plural, run_cli
 from evaluate import (HANDCRAFTED, best_handcrafted, calibrate_baselines, calibrated_point,
                       calibration_summary, cost_to_reach, method_scores, oracle_route)
 from table import (add_pricing_args, find_table, prm_price_from_args, pricing_from_args, read_table,
-                   score_routes, sweep, target_of)
+                   score_routes, select, sweep, target_of)
 from train_policy import BASE_FEATURES, FEATURE_NAMES, TrainConfig, build_table, policy_probs, train
 
 GROUPS = {
@@ -93,20 +93,6 @@ def with_columns(table, extra: torch.Tensor):
     return dataclasses.replace(table, features=torch.cat([table.features, extra.float()], -1))
 
 
-def subset(table, idx: list):
-    """The table restricted to questions idx (every per-question field)."""
-    Q, index = table.Q, torch.tensor(idx, dtype=torch.long)
-    out = {}
-    for f in dataclasses.fields(table):
-        v = getattr(table, f.name)
-        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == Q:
-            v = v[index]
-        elif isinstance(v, list) and len(v) == Q:
-            v = [v[i] for i in idx]
-        out[f.name] = v
-    return type(table)(**out)
-
-
 # ----------------------------------------------------------------------------------------
 # One variant: train (S seeds), calibrate on calib, measure on test.
 # ----------------------------------------------------------------------------------------
@@ -116,7 +102,7 @@ def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: i
     table (or its questions train_idx) with seeds 0..seeds-1, each calibrated on calib and
     measured on test."""
     config = dataclasses.replace(config, **overrides)
-    tr = tabs["train"] if train_idx is None else subset(tabs["train"], train_idx)
+    tr = tabs["train"] if train_idx is None else select(tabs["train"], train_idx)
     target = target_of(spec, tr.large_correct)
     runs = []
     for seed in range(seeds):

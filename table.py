@@ -351,6 +351,23 @@ class Table:
         return costs.sum(-1) / self.large_cost.sum()
 
 
+def select(table: Table, idx) -> Table:
+    """The questions idx of a table (a list or tensor of indices; repeats allowed): every
+    per-question field, of the table's own class (a train_policy.FeatureTable stays one)."""
+    import dataclasses
+    import torch
+    index = torch.as_tensor(idx, dtype=torch.long)
+    out = {}
+    for f in dataclasses.fields(table):
+        v = getattr(table, f.name)
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == table.Q:
+            v = v[index]
+        elif isinstance(v, list) and len(v) == table.Q:
+            v = [v[i] for i in index.tolist()]
+        out[f.name] = v
+    return type(table)(**out)
+
+
 def outcome_table(records: list[dict], pricing: Pricing, prm_price: float | None = None) -> Table:
     """The outcome and cost columns of a table's records under `pricing`; with the PRM's
     scores and token counts where every record has them (prm_price: prm_price_from_args)."""

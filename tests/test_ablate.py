@@ -36,15 +36,16 @@ def test_text_features_by_hand():
     assert ablate.text_features("No numbers here?", [{"text": "Think.\n\n"}]) == [[0.0, 0.0, 0.0, 0.5]]
 
 
-def test_subset_keeps_every_per_question_field():
+def test_select_keeps_every_per_question_field():
     import table as tb
     import train_policy as tp
     recs = make_records(12, seed=3)
     t = tp.build_table(recs, tb.Pricing(1.0, 1.0, 7.0, 7.0))
-    s = ablate.subset(t, [5, 2])
-    assert s.Q == 2 and s.ids == [t.ids[5], t.ids[2]] and s.hashes == [t.hashes[5], t.hashes[2]]
-    assert torch.equal(s.features, t.features[[5, 2]]) and torch.equal(s.esc_cost, t.esc_cost[[5, 2]])
-    assert torch.equal(s.large_cost, t.large_cost[[5, 2]]) and s.pricing == t.pricing
+    s = tb.select(t, [5, 2, 5])
+    assert isinstance(s, tp.FeatureTable) and s.Q == 3
+    assert s.ids == [t.ids[5], t.ids[2], t.ids[5]] and s.hashes == [t.hashes[5], t.hashes[2], t.hashes[5]]
+    assert torch.equal(s.features, t.features[[5, 2, 5]]) and torch.equal(s.esc_cost, t.esc_cost[[5, 2, 5]])
+    assert torch.equal(s.large_cost, t.large_cost[[5, 2, 5]]) and s.pricing == t.pricing and s.pool == t.pool
 
 
 def entropy_shuffled(n: int, seed: int, prefix: str) -> list:

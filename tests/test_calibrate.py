@@ -1,6 +1,5 @@
 """calibrate.py: exact first-crossing scoring, the threshold choice (plain and fixed-sequence
 Clopper-Pearson), and the end-to-end claim on held-out synthetic questions."""
-import dataclasses
 import json
 import math
 import sys
@@ -157,14 +156,6 @@ def test_calibrated_policy_meets_target_and_beats_single_features(trained, capsy
     assert outcomes[None]["accuracy"].item() >= test_target - 0.015
 
 
-def subset(table, idx):
-    """The questions idx of a table (with repeats): a calibration set drawn from a population."""
-    tensors = {f.name: getattr(table, f.name)[idx] for f in dataclasses.fields(table)
-               if isinstance(getattr(table, f.name), torch.Tensor)}
-    return dataclasses.replace(table, **tensors, ids=[table.ids[i] for i in idx.tolist()],
-                               hashes=[table.hashes[i] for i in idx.tolist()])
-
-
 def test_relative_delta_holds_over_many_calibration_sets(trained):
     """The population is a large synthetic table: its per-kappa accuracies and its large
     accuracy are KNOWN (computed exactly on all of it). Draw 400 calibration sets of 300
@@ -186,7 +177,7 @@ def test_relative_delta_holds_over_many_calibration_sets(trained):
     gen = torch.Generator().manual_seed(0)
     misses, plain_misses, useful, draws = 0, 0, 0, 400
     for _ in range(draws):
-        cal = subset(pop, torch.randint(pop.Q, (300,), generator=gen))
+        cal = tb.select(pop, torch.randint(pop.Q, (300,), generator=gen))   # a calibration set drawn
         p = tp.policy_probs(policy, cal)
         strict = cb.calibrate_scores(cal, p, {"relative": 0.95}, 0.1)
         plain = cb.calibrate_scores(cal, p, {"relative": 0.95}, None)
