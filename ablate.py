@@ -174,18 +174,15 @@ def probe_scores(paths: dict, records: dict, tabs: dict, args) -> tuple[dict, di
     the training questions alone (PROBE_GRID); the training table gets out-of-fold scores, the
     calibration and test tables the probe fitted on all training questions."""
     import probe
-    hidden = {sl: probe.hidden_for_table(paths[sl], None, dtype=args.probe_dtype)["hidden"] for sl in paths}
+    hidden = {sl: probe.hidden_for_table(paths[sl], None, dtype=args.probe_dtype) for sl in paths}
 
     def rows(sl):   # X [N,D] (the chosen layer), y [N], question of each row, (q, t) of each row
-        X, y, g, at = [], [], [], []
-        for qi, rec in enumerate(records[sl]):
-            h = hidden[sl][rec["id"]]
-            for t in range(h.shape[0]):
-                X.append(h[t, args.probe_layer].float())
-                y.append(0.0 if rec["small"]["correct"] else 1.0)
-                g.append(qi)
-                at.append((qi, t))
-        return torch.stack(X), torch.tensor(y), g, at
+        X, ids = probe.rows(hidden[sl], args.probe_layer)   # rows in table order, steps in order
+        index = {rec["id"]: qi for qi, rec in enumerate(records[sl])}
+        g = [index[i] for i in ids]
+        at = [(qi, t) for qi, rec in enumerate(records[sl]) for t in range(len(hidden[sl]["hidden"][rec["id"]]))]
+        y = torch.tensor([0.0 if records[sl][qi]["small"]["correct"] else 1.0 for qi in g])
+        return X, y, g, at
 
     Xtr, ytr, gtr, at_tr = rows("train")
     if ytr.min() == ytr.max():
