@@ -142,7 +142,7 @@ def fetch_pool() -> None:
 
 def build_tables(args, tables: Path, have: dict, want: dict, record) -> None:
     """Extend each short table with rollout.py (resumable: a finished question is kept)."""
-    from rollout import load_questions
+    from data import load_questions
     n = len(load_questions(args.dataset, ROLLOUT["split"]))
     reg = regions(n)
     if args.small is None:
@@ -397,7 +397,7 @@ def compare(made: list, out: Path, tables: Path) -> str:
 # The live question.
 # ----------------------------------------------------------------------------------------
 def route_live(args, out: Path, record) -> dict:
-    from rollout import load_questions
+    from data import load_questions
     qs = load_questions(ROLLOUT["dataset"], ROLLOUT["split"])
     q = qs[args.route_question]
     if args.small is None:

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from cli import UsageError, add_api_args, add_model_args, make_parser, run_cli
 from engine import load_lm, resolve_device
-from rollout import DEFAULT_LARGE, DEFAULT_SMALL, extract_answer, load_model
+from data import extract_answer
+from rollout import DEFAULT_LARGE, DEFAULT_SMALL, load_model
 
 GET_ONE = "train one with train_policy.py and calibrate.py, or run `make demo` to rebuild " \
           "results/svamp/policy.pt and results/svamp/calibration.json"

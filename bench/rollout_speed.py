@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import engine  # noqa: E402
+import data  # noqa: E402
 import rollout  # noqa: E402
 
 CONFIGS = {  # shapes of real models, for random-weight timing without the hub
@@ -186,7 +187,7 @@ def main():
     args = p.parse_args()
     lm = random_lm(args.config, args.tokenizer, args.device, args.dtype) if args.config \
         else rollout.load_model(args.model, None, args, args.device)
-    questions = rollout.load_questions(args.dataset, args.split, limit=args.questions)
+    questions = data.load_questions(args.dataset, args.split, limit=args.questions)
     engine.newline_flags(lm)
     lm.batch_size, lm.compile = args.batch_size, args.compile
     rollout.records_of(lm, lm, questions[:2], args.max_new_tokens)  # warm-up (and graph capture)

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import engine  # noqa: E402
+import data  # noqa: E402
 import rollout  # noqa: E402
 from train_policy import Policy, state_features  # noqa: E402
 
@@ -60,7 +61,7 @@ def main():
     lm = rollout.load_model(args.model, None, args, args.device)
     policy = Policy().eval()  # untrained: only its cost matters here
     engine.newline_flags(lm)
-    questions = rollout.load_questions(args.dataset, "test", limit=args.questions)
+    questions = data.load_questions(args.dataset, "test", limit=args.questions)
     prompts = [rollout.encode_prompt(lm.tokenizer, q["question"]) for q in questions]
     drafting(lm, policy, prompts[0], 8)  # warm-up
     plain(lm, prompts[0], 8)

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 import engine
+import data
 import rollout
 from cli import UsageError
 from engine import StepDrafter, generate_batch, step_ends
-from rollout import encode_prompt, extract_answer, is_equivalent, load_questions
+from data import extract_answer, is_equivalent, load_questions
+from rollout import encode_prompt
 from table import read_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +64,7 @@ def test_omnimath_loader_on_fixture(monkeypatch):
              "solution": "...", "answer": "3", "source": "x"},
             {"domain": ["Geometry"], "difficulty": 6.0, "problem": " Area? ",
              "solution": "...", "answer": " \\frac{1}{2} ", "source": "y"}]
-    monkeypatch.setattr(rollout, "hub_rows", lambda spec, split: rows)
+    monkeypatch.setattr(data, "hub_rows", lambda spec, split: rows)
     q = load_questions("omnimath", "test")
     assert [x["gold"] for x in q] == ["3", "\\frac{1}{2}"]
     assert q[1] == {"id": "omnimath/test/1", "dataset": "omnimath", "question": "Area?",

@@ -13,7 +13,7 @@ import torch
 import calibrate
 import route
 import train_policy
-from rollout import extract_answer
+from data import extract_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
