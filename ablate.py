@@ -22,8 +22,9 @@ like. Then:
    each router, the cheapest point of its threshold sweep on the test questions that meets the
    test target; the oracle's cost. How far is each router from what its scores allow, and how
    far are all of them from the oracle?
-4. **Tries.** The policy's capacity (a linear policy; one hidden layer of 16) on the same
-   features. Beyond token statistics: (a) the running answer, read from the drafted text
+4. **Tries.** The policy's capacity (a linear policy; one hidden layer of 16) and its gradient
+   (the exact expectation instead of sampled episodes: is REINFORCE's noise the limit?) on the
+   same features. Beyond token statistics: (a) the running answer, read from the drafted text
    (text_features: how many numbers a step writes, how many are new, whether it writes an
    equation, whether the last number so far is one the question gave). (b) With --probe, a
    linear probe on the small model's hidden state at the end of each drafted step (probe.py):
@@ -358,6 +359,8 @@ def main(argv=None):
         res["tries"]["token statistics (the method)"] = res["features"].get("all") or run("all", BASE_FEATURES)
         res["tries"]["linear policy (no hidden layer)"] = run("linear policy", BASE_FEATURES, hidden=())
         res["tries"]["smaller MLP (one hidden layer of 16)"] = run("MLP 16", BASE_FEATURES, hidden=(16,))
+        res["tries"]["exact-expectation gradient (no sampling)"] = run("exact gradient", BASE_FEATURES,
+                                                                       estimator="exact")
         res["tries"]["+ running answer"] = run("+ running answer", BASE_FEATURES + TEXT_FEATURES)
         if args.probe:
             res["tries"]["+ hidden-state probe"] = run("+ hidden-state probe", BASE_FEATURES + [PROBE_FEATURE])

@@ -83,7 +83,8 @@ def test_ablation_finds_the_features_that_carry_the_signal(tmp_path):
     assert f["all"]["relative_cost"]["mean"] < best["relative_cost"], (f["all"], best)
     # the tries section ran on the same tables, and the report names every variant
     assert set(res["tries"]) == {"token statistics (the method)", "+ running answer",
-                                 "linear policy (no hidden layer)", "smaller MLP (one hidden layer of 16)"}
+                                 "linear policy (no hidden layer)", "smaller MLP (one hidden layer of 16)",
+                                 "exact-expectation gradient (no sampling)"}
     text = out.read_text()
     for name in f:
         assert f"| {name} |" in text
