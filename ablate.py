@@ -51,8 +51,9 @@ from calibrate import calibrate_scores
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from evaluate import (HANDCRAFTED, best_handcrafted, calibrate_baselines, calibrated_point,
                       calibration_summary, cost_to_reach, method_scores, oracle_route)
-from table import (add_pricing_args, find_table, prm_price_from_args, pricing_from_args, read_table,
-                   score_routes, select, sweep, target_of)
+import probe
+from table import (add_pricing_args, find_table, outcome_columns, prm_price_from_args, pricing_from_args,
+                   read_table, score_routes, select, sweep, target_of)
 from train_policy import BASE_FEATURES, FEATURE_NAMES, TrainConfig, build_table, policy_probs, train
 
 GROUPS = {
@@ -113,7 +114,8 @@ def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: i
         runs.append({"seed": seed, "kappa": cal["knob"], **{k: point[k] for k in (
             "accuracy", "relative_cost", "meets_target", "calibration_accuracy",
             "calibration_relative_cost", "calibration_met")},
-            "test_hindsight_cost": hindsight_cost(tabs["test"], policy_probs(policy, tabs["test"]), spec)})
+            "test_hindsight_cost": hindsight_cost(tabs["test"], policy_probs(policy, tabs["test"]), spec),
+            "test_wrong_auc": wrong_auc(tabs["test"], policy_probs(policy, tabs["test"]))})
     return summarise(runs, n_train=tr.Q, features=features)
 
 
@@ -123,7 +125,7 @@ def summarise(runs: list, **extra) -> dict:
         return {"mean": statistics.fmean(xs) if xs else None,
                 "sd": statistics.pstdev(xs) if len(xs) > 1 else 0.0 if xs else None}
     return {**extra, "accuracy": ms("accuracy"), "relative_cost": ms("relative_cost"),
-            "hindsight_cost": ms("test_hindsight_cost"),
+            "hindsight_cost": ms("test_hindsight_cost"), "wrong_auc": ms("test_wrong_auc"),
             "seeds_meeting_target": sum(r["meets_target"] for r in runs), "seeds": len(runs), "runs": runs}
 
 
@@ -137,6 +139,25 @@ def hindsight_cost(test, scores: torch.Tensor, spec: dict):
     return None if math.isinf(c) else c
 
 
+def question_oracle(test) -> torch.Tensor:
+    """HINDSIGHT [1,Q]: the cheapest correct of the three whole-question choices (the small
+    model alone, escalate at step 1, the large model alone); the small model where none is
+    correct. What a perfect detector of hard questions could do, with no step-level timing."""
+    cols = outcome_columns(test)
+    choices = torch.tensor([0, test.T, test.T + 1])
+    cost = torch.where(cols["correct"][:, choices] > 0, cols["cost"][:, choices], math.inf)
+    best = choices[cost.argmin(1)]
+    return torch.where(torch.isinf(cost.min(1).values), test.T, best)[None]
+
+
+def wrong_auc(test, scores: torch.Tensor) -> float:
+    """How well a router's scores tell the questions the small model gets wrong, before any
+    threshold: the AUC of each question's highest score over its drafted steps (the alarm a
+    first-crossing router reacts to) against "the small model's answer is wrong"."""
+    alarm = torch.where(test.mask, scores.double(), -math.inf).max(1).values
+    return probe.auc(alarm, test.small_correct < 0.5)
+
+
 def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
     """Every handcrafted router (and extra score routers, e.g. the probe) calibrated on calib,
     measured on test; plus small, large and the oracle on test; with hindsight costs."""
@@ -148,14 +169,16 @@ def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
         res[name] = point
         if name in HANDCRAFTED:
             point["hindsight_cost"] = hindsight_cost(test, method_scores(test, name), spec)
+            point["wrong_auc"] = wrong_auc(test, method_scores(test, name))
     for name, (s_cal, s_test) in extra_scores.items():
         r = calibrate_scores(calib, s_cal, spec, delta)
         point, _ = calibrated_point(test, name, r["knob"], calibration_summary(r), spec, scores=s_test)
-        res[name] = {**point, "hindsight_cost": hindsight_cost(test, s_test, spec)}
+        res[name] = {**point, "hindsight_cost": hindsight_cost(test, s_test, spec),
+                     "wrong_auc": wrong_auc(test, s_test)}
     Q, T = test.Q, test.T
     target = target_of(spec, test.large_correct)
     for name, esc in (("small", torch.full((1, Q), T)), ("large", torch.full((1, Q), T + 1)),
-                      ("oracle", oracle_route(test))):
+                      ("oracle", oracle_route(test)), ("oracle per question", question_oracle(test))):
         sc = score_routes(test, esc)
         res[name] = {"accuracy": sc["accuracy"].item(), "relative_cost": sc["relative_cost"].item(),
                      "meets_target": sc["accuracy"].item() >= target - 1e-12}
@@ -174,7 +197,6 @@ def probe_scores(paths: dict, records: dict, tabs: dict, args) -> tuple[dict, di
     what was chosen. The probe's L2 penalty and PCA dimension are chosen by out-of-fold AUC on
     the training questions alone (PROBE_GRID); the training table gets out-of-fold scores, the
     calibration and test tables the probe fitted on all training questions."""
-    import probe
     hidden = {sl: probe.hidden_for_table(paths[sl], None, dtype=args.probe_dtype) for sl in paths}
 
     def rows(sl):   # X [N,D] (the chosen layer), y [N], question of each row, (q, t) of each row
@@ -234,12 +256,18 @@ def markdown(res: dict) -> str:
              f"({m['seconds']:.0f} s on {m['machine']}).", "",
              "Every router below was calibrated on the calibration questions and measured on the test "
              "questions. *hindsight cost*: the cheapest point of the router's own threshold sweep that "
-             "meets the target on the TEST questions (chosen in hindsight, not deployable).", "",
+             "meets the target on the TEST questions (chosen in hindsight, not deployable). *AUC*: how "
+             "well the router's scores tell the test questions the small model gets wrong (each "
+             "question's highest score over its steps; 0.5 = chance, 1 = perfect), before any "
+             "threshold. *oracle per question*: the cheapest correct of small alone, escalate at step 1, "
+             "large alone (hindsight).", "",
              "## Baselines (calibrated on calib, measured on test)", "",
-             "| router | accuracy | relative cost | meets target | hindsight cost |", "|---|---|---|---|---|"]
+             "| router | accuracy | relative cost | meets target | hindsight cost | AUC |",
+             "|---|---|---|---|---|---|"]
     for name, p in res["baselines"].items():
         lines.append(f"| {name} | {p['accuracy']:.3f} | {p['relative_cost']:.3f} | "
-                     f"{'yes' if p['meets_target'] else 'no'} | {f3(p.get('hindsight_cost'))} |")
+                     f"{'yes' if p['meets_target'] else 'no'} | {f3(p.get('hindsight_cost'))} | "
+                     f"{f3(p.get('wrong_auc'))} |")
     lines += ["", f"Test target: {res['test_target']:.3f}. Best calibrated handcrafted router "
               f"(chosen on calib): {res['best_handcrafted']}.", ""]
     if res.get("probe"):
@@ -253,10 +281,11 @@ def markdown(res: dict) -> str:
         if not res[section]:
             continue
         lines += [f"## {title}", "", "| policy | train q | accuracy | relative cost | seeds meeting target "
-                  "| hindsight cost |", "|---|---|---|---|---|---|"]
+                  "| hindsight cost | AUC |", "|---|---|---|---|---|---|---|"]
         for name, v in res[section].items():
             lines.append(f"| {name} | {v['n_train']} | {pm(v['accuracy'])} | {pm(v['relative_cost'])} | "
-                         f"{v['seeds_meeting_target']}/{v['seeds']} | {pm(v['hindsight_cost'])} |")
+                         f"{v['seeds_meeting_target']}/{v['seeds']} | {pm(v['hindsight_cost'])} | "
+                         f"{pm(v['wrong_auc'])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

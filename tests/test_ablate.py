@@ -48,6 +48,34 @@ def test_select_keeps_every_per_question_field():
     assert torch.equal(s.large_cost, t.large_cost[[5, 2, 5]]) and s.pricing == t.pricing and s.pool == t.pool
 
 
+def test_wrong_auc_and_the_per_question_oracle_by_hand():
+    import table as tb
+    import train_policy as tp
+    t = tp.build_table(make_records(40, seed=5), tb.Pricing(1.0, 1.0, 7.0, 7.0))
+    wrong = t.small_correct < 0.5
+    assert 0 < int(wrong.sum()) < t.Q
+    alarm = torch.zeros(t.Q, t.T)
+    alarm[:, 0] = wrong.float()                      # step 1 tells the wrong questions apart
+    assert ablate.wrong_auc(t, alarm) == 1.0
+    every = wrong[:, None].float().expand(t.Q, t.T)  # every step does, the other way round
+    assert ablate.wrong_auc(t, -every) == 0.0
+    assert ablate.wrong_auc(t, torch.zeros(t.Q, t.T)) == 0.5
+    late = torch.zeros(t.Q, t.T)                      # the alarm is the highest score over the
+    n = t.mask.sum(1)                                 # question's own steps, wherever it is
+    late[torch.arange(t.Q), n - 1] = torch.where(wrong, 2.0, -2.0)
+    late[~t.mask] = 5.0                               # padded steps are not the question's
+    assert ablate.wrong_auc(t, late) == 1.0
+    # the per-question oracle: the cheapest correct of (escalate at step 1, small, large)
+    cols = tb.outcome_columns(t)
+    esc = ablate.question_oracle(t)[0].tolist()
+    for q in range(t.Q):
+        options = [(cols["cost"][q, c].item(), c) for c in (0, t.T, t.T + 1) if cols["correct"][q, c] > 0]
+        assert esc[q] == (min(options)[1] if options else t.T), q
+    per_q = tb.score_routes(t, ablate.question_oracle(t))
+    full = tb.score_routes(t, ablate.oracle_route(t))
+    assert per_q["accuracy"].item() <= full["accuracy"].item() + 1e-12
+
+
 def entropy_shuffled(n: int, seed: int, prefix: str) -> list:
     """synthetic.make_records with (mean_entropy, max_entropy) pairs shuffled across steps:
     the entropies carry no signal, the log-probabilities all of it."""
