@@ -20,8 +20,10 @@ like. Then:
    n = 8, 16, 32, ... and all. Would more training questions help?
 3. **Hindsight frontiers** (chosen on the test questions, so NOT deployable: labelled so). For
    each router, the cheapest point of its threshold sweep on the test questions that meets the
-   test target; the oracle's cost. How far is each router from what its scores allow, and how
-   far are all of them from the oracle?
+   test target; the oracle's cost, and the per-question oracle's (the cheapest correct of small
+   alone, escalate at step 1, large alone). How far is each router from what its scores allow,
+   and how far are all of them from the oracle? And before any threshold: each router's AUC
+   for the questions the small model gets wrong (each question's highest score over its steps).
 4. **Tries.** The policy's capacity (a linear policy; one hidden layer of 16) and its gradient
    (the exact expectation instead of sampled episodes: is REINFORCE's noise the limit?) on the
    same features. Beyond token statistics: (a) the running answer, read from the drafted text
