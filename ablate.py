@@ -32,7 +32,8 @@ like. Then:
    linear probe on the small model's hidden state at the end of each drafted step (probe.py):
    a logistic regression that predicts "the small model's own answer will be wrong", fitted
    on the training questions (out-of-fold scores on them, so the policy never trains on a
-   probe that saw its question), used as a router of its own and as one more policy feature.
+   probe that saw its question), used as a router of its own and as one more policy feature
+   (of the MLP policy and of a linear one).
 
 Each try is reported with its numbers whether it is kept or not. A feature becomes part of the
 method (train_policy.state_features, route.py) only if it wins here on held-out questions.
@@ -395,6 +396,8 @@ def main(argv=None):
         res["tries"]["+ running answer"] = run("+ running answer", BASE_FEATURES + TEXT_FEATURES)
         if args.probe:
             res["tries"]["+ hidden-state probe"] = run("+ hidden-state probe", BASE_FEATURES + [PROBE_FEATURE])
+            res["tries"]["linear policy + hidden-state probe"] = run("linear + probe", BASE_FEATURES + [PROBE_FEATURE],
+                                                                     hidden=())
             res["tries"]["+ running answer + probe"] = run("+ running answer + probe",
                                                           BASE_FEATURES + TEXT_FEATURES + [PROBE_FEATURE])
 
