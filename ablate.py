@@ -55,8 +55,8 @@ from cli import UsageError, check_range, make_parser, plural, run_cli
 from evaluate import (HANDCRAFTED, best_handcrafted, calibrate_baselines, calibrated_point,
                       calibration_summary, cost_to_reach, method_scores, oracle_route)
 import probe
-from table import (add_pricing_args, find_table, outcome_columns, prm_price_from_args, pricing_from_args,
-                   read_table, score_routes, select, sweep, target_of)
+from table import (add_pricing_args, find_table, prm_price_from_args, pricing_from_args, read_table,
+                   score_routes, select, sweep, target_of)
 from train_policy import BASE_FEATURES, FEATURE_NAMES, TrainConfig, build_table, policy_probs, train
 
 GROUPS = {
@@ -113,12 +113,14 @@ def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: i
     for seed in range(seeds):
         policy, _ = train(tr, target, config, columns=columns, features=tuple(features), seed=seed)
         cal = calibrate_scores(tabs["calib"], policy_probs(policy, tabs["calib"]), spec, delta)
-        point, _ = calibrated_point(tabs["test"], "policy", cal["knob"], calibration_summary(cal), spec, policy)
+        p_test = policy_probs(policy, tabs["test"])
+        point, _ = calibrated_point(tabs["test"], "policy", cal["knob"], calibration_summary(cal), spec, policy,
+                                    scores=p_test)
         runs.append({"seed": seed, "kappa": cal["knob"], **{k: point[k] for k in (
             "accuracy", "relative_cost", "meets_target", "calibration_accuracy",
             "calibration_relative_cost", "calibration_met")},
-            "test_hindsight_cost": hindsight_cost(tabs["test"], policy_probs(policy, tabs["test"]), spec),
-            "test_wrong_auc": wrong_auc(tabs["test"], policy_probs(policy, tabs["test"]))})
+            "test_hindsight_cost": hindsight_cost(tabs["test"], p_test, spec),
+            "test_wrong_auc": wrong_auc(tabs["test"], p_test)})
     return summarise(runs, n_train=tr.Q, features=features)
 
 
@@ -146,11 +148,7 @@ def question_oracle(test) -> torch.Tensor:
     """HINDSIGHT [1,Q]: the cheapest correct of the three whole-question choices (the small
     model alone, escalate at step 1, the large model alone); the small model where none is
     correct. What a perfect detector of hard questions could do, with no step-level timing."""
-    cols = outcome_columns(test)
-    choices = torch.tensor([0, test.T, test.T + 1])
-    cost = torch.where(cols["correct"][:, choices] > 0, cols["cost"][:, choices], math.inf)
-    best = choices[cost.argmin(1)]
-    return torch.where(torch.isinf(cost.min(1).values), test.T, best)[None]
+    return oracle_route(test, columns=(0, test.T, test.T + 1))
 
 
 def wrong_auc(test, scores: torch.Tensor) -> float:
@@ -168,11 +166,12 @@ def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
     res = {}
     cal = calibrate_baselines(calib, spec, delta)
     for name, (knob, c) in cal.items():
-        point, _ = calibrated_point(test, name, knob, c, spec)
+        scores = method_scores(test, name) if name in HANDCRAFTED else None
+        point, _ = calibrated_point(test, name, knob, c, spec, scores=scores)
         res[name] = point
-        if name in HANDCRAFTED:
-            point["hindsight_cost"] = hindsight_cost(test, method_scores(test, name), spec)
-            point["wrong_auc"] = wrong_auc(test, method_scores(test, name))
+        if scores is not None:
+            point["hindsight_cost"] = hindsight_cost(test, scores, spec)
+            point["wrong_auc"] = wrong_auc(test, scores)
     for name, (s_cal, s_test) in extra_scores.items():
         r = calibrate_scores(calib, s_cal, spec, delta)
         point, _ = calibrated_point(test, name, r["knob"], calibration_summary(r), spec, scores=s_test)

@@ -142,11 +142,15 @@ def random_outcomes(table: Table, ps) -> dict:
     return {k: (p_esc * v[:, :table.T]).sum(-1) + p_never * v[:, table.T] for k, v in cols.items()}
 
 
-def oracle_route(table: Table) -> torch.Tensor:
+def oracle_route(table: Table, columns=None) -> torch.Tensor:
     """[1,Q]: the cheapest correct outcome (escalate at t, never = T, large alone = T+1);
-    never where none is correct."""
+    never where none is correct. `columns`: the outcomes it may choose from (default all)."""
     cols = outcome_columns(table)
     valid = torch.cat([table.mask, torch.ones(table.Q, 2, dtype=torch.bool)], 1)
+    if columns is not None:
+        allowed = torch.zeros(table.T + 2, dtype=torch.bool)
+        allowed[list(columns)] = True
+        valid = valid & allowed
     cost = torch.where(valid & (cols["correct"] > 0), cols["cost"], math.inf)
     best = cost.argmin(1)
     return torch.where(torch.isinf(cost.min(1).values), table.T, best)[None]
@@ -215,8 +219,8 @@ def calibrate_random(table: Table, spec: dict, delta) -> dict:
 
 def apply_knob(table: Table, name: str, knob, policy=None, scores=None) -> dict:
     """Per-question outcomes [1,Q] of a calibrated router on a table (knob None: the large
-    model alone). `scores` [Q,T]: a first-crossing router's scores where `name` is none of
-    method_scores()'s (ablate.py's experimental routers)."""
+    model alone). `scores` [Q,T]: the first-crossing router's scores where the caller has them
+    (ablate.py's experimental routers, or scores it already computed); else method_scores()'s."""
     if knob is None:
         return route_outcomes(table, torch.full((1, table.Q), table.T + 1))
     if name == "random":

@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import engine  # noqa: E402
 import data  # noqa: E402
+import engine  # noqa: E402
 import rollout  # noqa: E402
 
 CONFIGS = {  # shapes of real models, for random-weight timing without the hub

@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-import engine  # noqa: E402
 import data  # noqa: E402
+import engine  # noqa: E402
 import rollout  # noqa: E402
 from train_policy import Policy, state_features  # noqa: E402
 
