@@ -30,10 +30,16 @@ like. Then:
    (text_features: how many numbers a step writes, how many are new, whether it writes an
    equation, whether the last number so far is one the question gave). (b) With --probe, a
    linear probe on the small model's hidden state at the end of each drafted step (probe.py):
-   a logistic regression that predicts "the small model's own answer will be wrong", fitted
-   on the training questions (out-of-fold scores on them, so the policy never trains on a
-   probe that saw its question), used as a router of its own and as one more policy feature
-   (of the MLP policy and of a linear one).
+   a logistic regression fitted on the training questions (out-of-fold scores on them, so the
+   policy never trains on a probe that saw its question), used as a router of its own and, by
+   its logit, as one more policy feature (of the MLP policy and of a linear one). Two labels
+   (PROBE_LABELS): "wrong", the small model's own answer will be wrong, and "rescue", it will
+   AND the large model taking over at this step ends correct (what escalating here buys).
+5. **Where escalation pays** (read off the outcomes): per step, how often the large model taking
+   over rescues a wrong answer or keeps a right one, the mean gain and cost of escalating
+   there; with --probe, the gain and cost by quarter of each probe's score. A policy trained
+   by the Lagrangian escalates where lambda x gain outweighs cost, so a score whose high values
+   bring cost but no gain teaches it the opposite of what the score's AUC suggests.
 
 Each try is reported with its numbers whether it is kept or not. A feature becomes part of the
 method (train_policy.state_features, route.py) only if it wins here on held-out questions.
@@ -67,7 +73,8 @@ GROUPS = {
 }
 assert sorted(sum(GROUPS.values(), [])) == sorted(BASE_FEATURES)
 TEXT_FEATURES = ["draft_numbers", "draft_new_numbers", "draft_has_equation", "answer_from_question"]
-PROBE_FEATURE = "probe_small_wrong"
+PROBE_FEATURE = "probe_small_wrong"   # the probes' logits (--probe)
+RESCUE_FEATURE = "probe_rescue"
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 
 
@@ -159,6 +166,42 @@ def wrong_auc(test, scores: torch.Tensor) -> float:
     return probe.auc(alarm, test.small_correct < 0.5)
 
 
+def escalation_by_step(tab, last: int = 4) -> dict:
+    """Where escalating pays, per drafted step t = 1..last-1 and t >= last pooled: for the
+    questions the small model gets WRONG, how often the large model, taking over at step t
+    (after the small model's steps 1..t-1; t = 1 is the large model alone), ends correct
+    ("rescued"); for those it gets RIGHT, how often the answer stays correct ("kept"); and over
+    all questions the mean gain in correctness (escalate minus never) and the mean cost of
+    escalating there (relative to the mean all-large cost). Hindsight: read off the outcomes."""
+    cols = torch.arange(tab.T)
+    wrong = (tab.small_correct < 0.5)[:, None]
+    gain = tab.esc_correct - tab.small_correct[:, None]
+    cost = tab.esc_cost / tab.large_cost.mean()
+    out = {}
+    for t in range(1, last + 1):
+        at = tab.mask & ((cols == t - 1) if t < last else (cols >= t - 1))[None, :]
+        mean = lambda x, m: x[m].mean().item() if m.any() else None   # noqa: E731
+        out[f"step {t}" if t < last else f"steps >= {t}"] = {
+            "n_wrong": int((at & wrong).sum()), "rescued": mean(tab.esc_correct, at & wrong),
+            "n_right": int((at & ~wrong).sum()), "kept": mean(tab.esc_correct, at & ~wrong),
+            "gain": mean(gain, at), "cost": mean(cost, at)}
+    return out
+
+
+def escalation_by_score(tab, scores: torch.Tensor, bins: int = 4) -> list:
+    """The mean gain in correctness and the mean cost of escalating at a drafted step, by
+    quantile bin of the step's score (bins of equal size over all drafted steps, low to high):
+    does a router that escalates where the score is high buy correctness, and at what price?"""
+    s = scores.double()[tab.mask]
+    gain = (tab.esc_correct - tab.small_correct[:, None])[tab.mask]
+    cost = (tab.esc_cost / tab.large_cost.mean())[tab.mask]
+    rank = torch.empty_like(s)
+    rank[torch.argsort(s, stable=True)] = torch.arange(len(s), dtype=s.dtype)
+    b = (rank * bins / len(s)).long()
+    return [{"n": int((b == i).sum()), "gain": gain[b == i].mean().item(), "cost": cost[b == i].mean().item()}
+            for i in range(bins) if (b == i).any()]
+
+
 def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
     """Every handcrafted router (and extra score routers, e.g. the probe) calibrated on calib,
     measured on test; plus small, large and the oracle on test; with hindsight costs."""
@@ -194,25 +237,36 @@ def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
 PROBE_GRID = [(l2, dim) for dim in (8, 32, None) for l2 in (1.0, 10.0, 100.0)]
 
 
-def probe_scores(paths: dict, records: dict, tabs: dict, args) -> tuple[dict, dict]:
-    """[Q,T] float64 probe probabilities "the small model's own answer is wrong" per table, and
-    what was chosen. The probe's L2 penalty and PCA dimension are chosen by out-of-fold AUC on
-    the training questions alone (PROBE_GRID); the training table gets out-of-fold scores, the
-    calibration and test tables the probe fitted on all training questions."""
-    hidden = {sl: probe.hidden_for_table(paths[sl], None, dtype=args.probe_dtype) for sl in paths}
+PROBE_LABELS = {   # what a probe predicts of each drafted step, and its column in the tables
+    "wrong": ("the small model's own answer is wrong", PROBE_FEATURE),
+    "rescue": ("escalating here rescues a wrong answer", RESCUE_FEATURE),
+}
 
+
+def probe_labels(tab, at: list, label: str) -> torch.Tensor:
+    """The label of each (question, step) row: "wrong": the small model's final answer is wrong;
+    "rescue": it is, AND the large model taking over at this step ends correct (the steps
+    where escalating gains; read off the table's outcomes)."""
+    q, t = torch.tensor([a[0] for a in at], dtype=torch.long), torch.tensor([a[1] for a in at], dtype=torch.long)
+    wrong = tab.small_correct[q] < 0.5
+    return (wrong if label == "wrong" else wrong & (tab.esc_correct[q, t] > 0.5)).double()
+
+
+def probe_scores(hidden: dict, records: dict, tabs: dict, args, label: str = "wrong") -> tuple[dict, dict]:
+    """[Q,T] float64 probe probabilities of `label` (PROBE_LABELS) per table, and what was
+    chosen. The probe's L2 penalty and PCA dimension are chosen by out-of-fold AUC on the
+    training questions alone (PROBE_GRID); the training table gets out-of-fold scores, the
+    calibration and test tables the probe fitted on all training questions."""
     def rows(sl):   # X [N,D] (the chosen layer), y [N], question of each row, (q, t) of each row
         X, ids = probe.rows(hidden[sl], args.probe_layer)   # rows in table order, steps in order
         index = {rec["id"]: qi for qi, rec in enumerate(records[sl])}
-        g = [index[i] for i in ids]
-        at = [(qi, t) for qi, rec in enumerate(records[sl]) for t in range(len(hidden[sl]["hidden"][rec["id"]]))]
-        y = torch.tensor([0.0 if records[sl][qi]["small"]["correct"] else 1.0 for qi in g])
-        return X, y, g, at
+        at = [(index[i], t) for i in hidden[sl]["ids"] for t in range(len(hidden[sl]["hidden"][i]))]
+        return X, probe_labels(tabs[sl], at, label), [qi for qi, _ in at], at
 
     Xtr, ytr, gtr, at_tr = rows("train")
     if ytr.min() == ytr.max():
-        raise UsageError(f"{paths['train']}: --probe needs training questions that the small model "
-                         "gets right and ones it gets wrong")
+        raise UsageError(f"{args.tables}: --probe needs training steps where \"{PROBE_LABELS[label][0]}\" "
+                         "holds and ones where it does not")
     fits = {}
     for l2, dim in PROBE_GRID:   # chosen on the training questions only
         if dim is None or dim < Xtr.shape[0]:
@@ -220,8 +274,8 @@ def probe_scores(paths: dict, records: dict, tabs: dict, args) -> tuple[dict, di
             fits[(l2, dim)] = (probe.auc(oof, ytr), oof)
     (l2, dim), (train_auc, oof) = max(fits.items(), key=lambda kv: kv[1][0])
     fitted = probe.fit_probe(Xtr, ytr, l2=l2, dim=dim)
-    out, info = {}, {"layer": ["mid", "last"][args.probe_layer], "l2": l2, "dim": dim,
-                     "train_oof_auc": train_auc}
+    out, info = {}, {"label": PROBE_LABELS[label][0], "layer": ["mid", "last"][args.probe_layer], "l2": l2,
+                     "dim": dim, "train_oof_auc": train_auc}
     for sl in ("train", "calib", "test"):
         s = torch.zeros(tabs[sl].Q, tabs[sl].T, dtype=torch.float64)
         if sl == "train":
@@ -272,12 +326,11 @@ def markdown(res: dict) -> str:
                      f"{f3(p.get('wrong_auc'))} |")
     lines += ["", f"Test target: {res['test_target']:.3f}. Best calibrated handcrafted router "
               f"(chosen on calib): {res['best_handcrafted']}.", ""]
-    if res.get("probe"):
-        p = res["probe"]
-        lines += [f"Hidden-state probe ({p['layer']} layer; L2 {p['l2']:g}, PCA {p['dim']}, chosen by "
-                  f"out-of-fold AUC on the training questions): AUC of \"the small model's answer is "
-                  f"wrong\" per step {p['train_oof_auc']:.3f} on train (out of fold), {p['calib_auc']:.3f} "
-                  f"on calib, {p['test_auc']:.3f} on test.", ""]
+    for label, p in (res.get("probe") or {}).items():
+        lines += [f"Hidden-state probe ({label}: \"{p['label']}\"; {p['layer']} layer, L2 {p['l2']:g}, PCA "
+                  f"{p['dim']}, chosen by out-of-fold AUC on the training questions): AUC per step "
+                  f"{p['train_oof_auc']:.3f} on train (out of fold), {p['calib_auc']:.3f} on calib, "
+                  f"{p['test_auc']:.3f} on test. As a policy feature: its logit.", ""]
     for section, title in (("features", "1. Feature ablation"), ("learning_curve", "2. Learning curve"),
                            ("tries", "4. Tries beyond token statistics")):
         if not res[section]:
@@ -288,6 +341,27 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {v['n_train']} | {pm(v['accuracy'])} | {pm(v['relative_cost'])} | "
                          f"{v['seeds_meeting_target']}/{v['seeds']} | {pm(v['hindsight_cost'])} | "
                          f"{pm(v['wrong_auc'])} |")
+        lines.append("")
+    if res.get("escalation"):
+        lines += ["## 5. Where escalation pays (read off the outcomes)", "",
+                  "Escalating at step t: the large model takes over after the small model's steps 1..t-1 "
+                  "(t = 1: the large model alone). *rescued*: share correct among the questions the small "
+                  "model gets wrong; *kept*: among those it gets right; *gain*: mean correctness of escalating "
+                  "there minus never escalating, over all questions; *cost*: mean relative cost of "
+                  "escalating there. n: drafted steps.", "",
+                  "| table | step | n wrong | rescued | n right | kept | gain | cost |", "|---|---|---|---|---|---|---|---|"]
+        for sl, rows in res["escalation"].items():
+            for step, r in rows.items():
+                lines.append(f"| {sl} | {step} | {r['n_wrong']} | {f3(r['rescued'])} | {r['n_right']} | "
+                             f"{f3(r['kept'])} | {f3(r['gain'])} | {f3(r['cost'])} |")
+        lines.append("")
+    if res.get("escalation_by_probe"):
+        lines += ["Gain and cost of escalating at a drafted step by quarter of a probe's score "
+                  "(lowest first; the training table's scores are out of fold):", "",
+                  "| table, probe | " + " | ".join(f"quarter {i + 1}: gain / cost" for i in range(4)) + " |",
+                  "|---|---|---|---|---|"]
+        for sl, rows in res["escalation_by_probe"].items():
+            lines.append(f"| {sl} | " + " | ".join(f"{r['gain']:.3f} / {r['cost']:.3f}" for r in rows) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -353,14 +427,19 @@ def main(argv=None):
 
     extra_scores, probe_info = {}, None
     if args.probe:
-        scores, probe_info = probe_scores(paths, records, tabs, args)
-        print(f"probe on the {probe_info['layer']} layer: l2 {probe_info['l2']:g}, PCA {probe_info['dim']}; "
-              f"AUC of 'the small answer is wrong' per step: train (out of fold) "
-              f"{probe_info['train_oof_auc']:.3f}, calib {probe_info['calib_auc']:.3f}, "
-              f"test {probe_info['test_auc']:.3f}", flush=True)
-        tabs = {sl: with_columns(tabs[sl], scores[sl][..., None]) for sl in tabs}
-        columns = columns + [PROBE_FEATURE]
-        extra_scores["probe (hidden state)"] = (scores["calib"], scores["test"])
+        hidden = {sl: probe.hidden_for_table(paths[sl], None, dtype=args.probe_dtype) for sl in paths}
+        scores, probe_info = {}, {}
+        for label, (what, column) in PROBE_LABELS.items():
+            scores[label], probe_info[label] = probe_scores(hidden, records, tabs, args, label)
+            info = probe_info[label]
+            print(f"probe '{what}' on the {info['layer']} layer: l2 {info['l2']:g}, PCA {info['dim']}; AUC per "
+                  f"step: train (out of fold) {info['train_oof_auc']:.3f}, calib {info['calib_auc']:.3f}, "
+                  f"test {info['test_auc']:.3f}", flush=True)
+            extra_scores[f"probe: {what}"] = (scores[label]["calib"], scores[label]["test"])
+        logit = lambda x: torch.logit(x.clamp(1e-6, 1 - 1e-6))   # noqa: E731  (a linear policy's scale)
+        tabs = {sl: with_columns(tabs[sl], torch.stack([logit(scores[label][sl]) for label in PROBE_LABELS], -1))
+                for sl in tabs}
+        columns = columns + [column for _, column in PROBE_LABELS.values()]
     base = baselines(tabs, spec, delta, extra_scores)
     calibrated = {n: base[n] for n in HANDCRAFTED}
 
@@ -394,11 +473,22 @@ def main(argv=None):
                                                                        estimator="exact")
         res["tries"]["+ running answer"] = run("+ running answer", BASE_FEATURES + TEXT_FEATURES)
         if args.probe:
-            res["tries"]["+ hidden-state probe"] = run("+ hidden-state probe", BASE_FEATURES + [PROBE_FEATURE])
-            res["tries"]["linear policy + hidden-state probe"] = run("linear + probe", BASE_FEATURES + [PROBE_FEATURE],
-                                                                     hidden=())
-            res["tries"]["+ running answer + probe"] = run("+ running answer + probe",
-                                                          BASE_FEATURES + TEXT_FEATURES + [PROBE_FEATURE])
+            res["tries"]["+ probe (wrong)"] = run("+ probe (wrong)", BASE_FEATURES + [PROBE_FEATURE])
+            res["tries"]["linear policy + probe (wrong)"] = run("linear + probe (wrong)", BASE_FEATURES + [PROBE_FEATURE],
+                                                                hidden=())
+            res["tries"]["+ running answer + probe (wrong)"] = run("+ running answer + probe (wrong)",
+                                                                   BASE_FEATURES + TEXT_FEATURES + [PROBE_FEATURE])
+            res["tries"]["linear policy on the probe (wrong) alone"] = run("linear, probe (wrong) alone",
+                                                                           [PROBE_FEATURE], hidden=())
+            res["tries"]["+ probe (rescue)"] = run("+ probe (rescue)", BASE_FEATURES + [RESCUE_FEATURE])
+            res["tries"]["linear policy + probe (rescue)"] = run("linear + probe (rescue)",
+                                                                 BASE_FEATURES + [RESCUE_FEATURE], hidden=())
+            res["tries"]["linear policy on the probe (rescue) alone"] = run("linear, probe (rescue) alone",
+                                                                            [RESCUE_FEATURE], hidden=())
+    res["escalation"] = {sl: escalation_by_step(tabs[sl]) for sl in tabs}
+    if args.probe:
+        res["escalation_by_probe"] = {f"{sl}, probe ({label})": escalation_by_score(tabs[sl], scores[label][sl])
+                                      for label in PROBE_LABELS for sl in tabs}
 
     out = Path(args.out) if args.out else tables / "ablations.md"
     result = {"meta": {"tables": str(tables), "target_relative": args.target_relative, "delta": delta,

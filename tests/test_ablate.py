@@ -76,6 +76,50 @@ def test_wrong_auc_and_the_per_question_oracle_by_hand():
     assert per_q["accuracy"].item() <= full["accuracy"].item() + 1e-12
 
 
+def test_where_escalation_pays_by_step_and_by_score_against_loops():
+    import table as tb
+    import train_policy as tp
+    t = tp.build_table(make_records(60, seed=7), tb.Pricing(1.0, 1.0, 7.0, 7.0))
+    wrong = (t.small_correct < 0.5).tolist()
+    rows = ablate.escalation_by_step(t, last=3)
+    assert list(rows) == ["step 1", "step 2", "steps >= 3"]
+    for name, steps in (("step 1", [0]), ("step 2", [1]), ("steps >= 3", range(2, t.T))):
+        cells = [(q, s) for q in range(t.Q) for s in steps if t.mask[q, s]]
+        w = [t.esc_correct[q, s].item() for q, s in cells if wrong[q]]
+        r = [t.esc_correct[q, s].item() for q, s in cells if not wrong[q]]
+        g = [t.esc_correct[q, s].item() - t.small_correct[q].item() for q, s in cells]
+        c = [t.esc_cost[q, s].item() / t.large_cost.mean().item() for q, s in cells]
+        got = rows[name]
+        assert (got["n_wrong"], got["n_right"]) == (len(w), len(r))
+        for key, xs in (("rescued", w), ("kept", r), ("gain", g), ("cost", c)):
+            assert abs(got[key] - sum(xs) / len(xs)) < 1e-9, (name, key)
+    # escalating at step 1 hands the whole question to the large model
+    assert abs(rows["step 1"]["rescued"] - t.large_correct[t.small_correct < 0.5].mean().item()) < 1e-9
+    # by score: 4 equal bins of the drafted steps in score order (the step index as the score)
+    score = torch.arange(t.T, dtype=torch.float64).expand(t.Q, t.T) * 1000 + torch.arange(t.Q)[:, None]
+    bins = ablate.escalation_by_score(t, score, bins=4)
+    cells = sorted(((score[q, s].item(), q, s) for q in range(t.Q) for s in range(t.T) if t.mask[q, s]))
+    n = len(cells)
+    assert [b["n"] for b in bins] == [len([i for i in range(n) if i * 4 // n == k]) for k in range(4)]
+    for k, b in enumerate(bins):
+        part = [(q, s) for i, (_, q, s) in enumerate(cells) if i * 4 // n == k]
+        gain = sum(t.esc_correct[q, s].item() - t.small_correct[q].item() for q, s in part) / len(part)
+        assert abs(b["gain"] - gain) < 1e-9
+
+
+def test_probe_labels_wrong_and_rescue():
+    import table as tb
+    import train_policy as tp
+    t = tp.build_table(make_records(30, seed=9), tb.Pricing(1.0, 1.0, 7.0, 7.0))
+    at = [(q, s) for q in range(t.Q) for s in range(t.T) if t.mask[q, s]]
+    wrong = ablate.probe_labels(t, at, "wrong")
+    rescue = ablate.probe_labels(t, at, "rescue")
+    for (q, s), w, r in zip(at, wrong.tolist(), rescue.tolist()):
+        assert w == float(t.small_correct[q] < 0.5)
+        assert r == float(t.small_correct[q] < 0.5 and t.esc_correct[q, s] > 0.5)
+    assert 0 < rescue.sum() < wrong.sum()     # some escalations rescue, not all
+
+
 def entropy_shuffled(n: int, seed: int, prefix: str) -> list:
     """synthetic.make_records with (mean_entropy, max_entropy) pairs shuffled across steps:
     the entropies carry no signal, the log-probabilities all of it."""
@@ -137,8 +181,9 @@ def test_probe_scores_are_out_of_fold_on_train_and_fitted_on_train_elsewhere(tin
     parts = {"train": recs[2:6], "calib": recs[:2], "test": recs[6:8]}   # train: 2 right, 2 wrong
     paths = {sl: write_jsonl(tmp_path / f"{sl}.jsonl", r) for sl, r in parts.items()}
     tabs = {sl: tp.build_table(r, tb.Pricing(1.0, 1.0, 1.0, 1.0)) for sl, r in parts.items()}
-    args = types.SimpleNamespace(probe_dtype="float32", probe_layer=0, probe_folds=2)
-    scores, info = ablate.probe_scores(paths, parts, tabs, args)
+    args = types.SimpleNamespace(probe_dtype="float32", probe_layer=0, probe_folds=2, tables=str(tmp_path))
+    hidden = {sl: probe.hidden_for_table(paths[sl], None) for sl in paths}
+    scores, info = ablate.probe_scores(hidden, parts, tabs, args, "wrong")
 
     def rows(sl):
         h = probe.hidden_for_table(paths[sl])["hidden"]
