@@ -58,8 +58,8 @@ import torch
 
 from calibrate import calibrate_scores
 from cli import UsageError, check_range, make_parser, plural, run_cli
-from evaluate import (HANDCRAFTED, best_handcrafted, calibrate_baselines, calibrated_point,
-                      calibration_summary, cost_to_reach, method_scores, oracle_route)
+from evaluate import (HANDCRAFTED, best_handcrafted, bootstrap_counts, calibrate_baselines, calibrated_point,
+                      calibration_summary, cost_to_reach, interval, method_scores, oracle_route)
 import probe
 from table import (add_pricing_args, find_table, prm_price_from_args, pricing_from_args, read_table,
                    score_routes, select, sweep, target_of)
@@ -109,10 +109,11 @@ def with_columns(table, extra: torch.Tensor):
 # One variant: train (S seeds), calibrate on calib, measure on test.
 # ----------------------------------------------------------------------------------------
 def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: int,
-          config: TrainConfig, train_idx=None, **overrides) -> dict:
+          config: TrainConfig, train_idx=None, ref: dict | None = None, **overrides) -> dict:
     """The policy on `features` (TrainConfig `config` with `overrides`), trained on the train
     table (or its questions train_idx) with seeds 0..seeds-1, each calibrated on calib and
-    measured on test."""
+    measured on test; with `ref` (versus()), its relative cost minus the reference router's on
+    the same test questions, and for seed 0 a 95% paired bootstrap interval of it."""
     config = dataclasses.replace(config, **overrides)
     tr = tabs["train"] if train_idx is None else select(tabs["train"], train_idx)
     target = target_of(spec, tr.large_correct)
@@ -121,9 +122,14 @@ def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: i
         policy, _ = train(tr, target, config, columns=columns, features=tuple(features), seed=seed)
         cal = calibrate_scores(tabs["calib"], policy_probs(policy, tabs["calib"]), spec, delta)
         p_test = policy_probs(policy, tabs["test"])
-        point, _ = calibrated_point(tabs["test"], "policy", cal["knob"], calibration_summary(cal), spec, policy,
-                                    scores=p_test)
-        runs.append({"seed": seed, "kappa": cal["knob"], **{k: point[k] for k in (
+        point, out = calibrated_point(tabs["test"], "policy", cal["knob"], calibration_summary(cal), spec, policy,
+                                      scores=p_test)
+        if ref is not None:   # the same sum over questions as relative_cost, and its paired resamples
+            test, c = tabs["test"], ref["counts"]
+            point["vs_ref"] = ((out["cost"][0] - ref["cost"]).sum() / test.large_cost.sum()).item()
+            if seed == 0:
+                point["vs_ref_ci"] = interval((c @ out["cost"][0] - c @ ref["cost"]) / (c @ test.large_cost))
+        runs.append({"vs_ref": point.get("vs_ref"), "vs_ref_ci": point.get("vs_ref_ci"), "seed": seed, "kappa": cal["knob"], **{k: point[k] for k in (
             "accuracy", "relative_cost", "meets_target", "calibration_accuracy",
             "calibration_relative_cost", "calibration_met")},
             "test_hindsight_cost": hindsight_cost(tabs["test"], p_test, spec),
@@ -138,6 +144,7 @@ def summarise(runs: list, **extra) -> dict:
                 "sd": statistics.pstdev(xs) if len(xs) > 1 else 0.0 if xs else None}
     return {**extra, "accuracy": ms("accuracy"), "relative_cost": ms("relative_cost"),
             "hindsight_cost": ms("test_hindsight_cost"), "wrong_auc": ms("test_wrong_auc"),
+            "vs_best_handcrafted": ms("vs_ref"), "vs_best_handcrafted_ci_seed0": runs[0].get("vs_ref_ci"),
             "seeds_meeting_target": sum(r["meets_target"] for r in runs), "seeds": len(runs), "runs": runs}
 
 
@@ -202,15 +209,16 @@ def escalation_by_score(tab, scores: torch.Tensor, bins: int = 4) -> list:
             for i in range(bins) if (b == i).any()]
 
 
-def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
+def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> tuple[dict, dict]:
     """Every handcrafted router (and extra score routers, e.g. the probe) calibrated on calib,
-    measured on test; plus small, large and the oracle on test; with hindsight costs."""
+    measured on test; plus small, large and the oracle on test; with hindsight costs. Also the
+    per-question outcomes [1,Q] of each calibrated handcrafted router."""
     calib, test = tabs["calib"], tabs["test"]
-    res = {}
+    res, outs = {}, {}
     cal = calibrate_baselines(calib, spec, delta)
     for name, (knob, c) in cal.items():
         scores = method_scores(test, name) if name in HANDCRAFTED else None
-        point, _ = calibrated_point(test, name, knob, c, spec, scores=scores)
+        point, outs[name] = calibrated_point(test, name, knob, c, spec, scores=scores)
         res[name] = point
         if scores is not None:
             point["hindsight_cost"] = hindsight_cost(test, scores, spec)
@@ -227,7 +235,7 @@ def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> dict:
         sc = score_routes(test, esc)
         res[name] = {"accuracy": sc["accuracy"].item(), "relative_cost": sc["relative_cost"].item(),
                      "meets_target": sc["accuracy"].item() >= target - 1e-12}
-    return res
+    return res, outs
 
 
 # ----------------------------------------------------------------------------------------
@@ -336,10 +344,15 @@ def markdown(res: dict) -> str:
         if not res[section]:
             continue
         lines += [f"## {title}", "", "| policy | train q | accuracy | relative cost | seeds meeting target "
-                  "| hindsight cost | AUC |", "|---|---|---|---|---|---|---|"]
+                  f"| minus {res['best_handcrafted']}: seeds; seed 0 [95% CI] | hindsight cost | AUC |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, v in res[section].items():
+            ci = v.get("vs_best_handcrafted_ci_seed0")
+            d = v["vs_best_handcrafted"]
+            vs = "-" if ci is None else (f"{d['mean']:+.3f} +- {d['sd']:.3f}; {v['runs'][0]['vs_ref']:+.3f} "
+                                         f"[{ci[0]:+.3f}, {ci[1]:+.3f}]")
             lines.append(f"| {name} | {v['n_train']} | {pm(v['accuracy'])} | {pm(v['relative_cost'])} | "
-                         f"{v['seeds_meeting_target']}/{v['seeds']} | {pm(v['hindsight_cost'])} | "
+                         f"{v['seeds_meeting_target']}/{v['seeds']} | {vs} | {pm(v['hindsight_cost'])} | "
                          f"{pm(v['wrong_auc'])} |")
         lines.append("")
     if res.get("escalation"):
@@ -377,6 +390,9 @@ def build_parser():
                    help="accuracy target R x the large model's (default 0.95)")
     p.add_argument("--delta", type=float, default=None, help="calibrate with a 1 - delta guarantee (default: plain rule)")
     p.add_argument("--seeds", type=int, default=5, help="training seeds per variant (default 5)")
+    p.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                   help="paired resamples for the interval of each variant's cost minus the best handcrafted "
+                        "router's (default 2000)")
     p.add_argument("--iters", type=int, default=TrainConfig.iters,
                    help=f"training iterations per policy (default {TrainConfig.iters})")
     p.add_argument("--skip", nargs="*", default=[], choices=["features", "learning_curve", "tries"],
@@ -403,6 +419,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_range("--seeds", args.seeds, 1)
     check_range("--iters", args.iters, 1)
+    check_range("--bootstrap", args.bootstrap, 1)
     check_range("--target-relative", args.target_relative, 0.0, None, lo_open=True)
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -440,12 +457,13 @@ def main(argv=None):
         tabs = {sl: with_columns(tabs[sl], torch.stack([logit(scores[label][sl]) for label in PROBE_LABELS], -1))
                 for sl in tabs}
         columns = columns + [column for _, column in PROBE_LABELS.values()]
-    base = baselines(tabs, spec, delta, extra_scores)
-    calibrated = {n: base[n] for n in HANDCRAFTED}
+    base, outs = baselines(tabs, spec, delta, extra_scores)
+    best = best_handcrafted({n: base[n] for n in HANDCRAFTED})
+    ref = {"cost": outs[best]["cost"][0], "counts": bootstrap_counts(tabs["test"].Q, args.bootstrap, 0)}
 
     def run(name, features, **kw):
         t = time.perf_counter()
-        v = judge(tabs, features, columns, spec, delta, args.seeds, config, **kw)
+        v = judge(tabs, features, columns, spec, delta, args.seeds, config, ref=ref, **kw)
         print(f"  {name:<34} accuracy {pm(v['accuracy'])}  cost {pm(v['relative_cost'])}  "
               f"meets {v['seeds_meeting_target']}/{v['seeds']}  ({time.perf_counter() - t:.0f}s)", flush=True)
         return v
@@ -497,7 +515,7 @@ def main(argv=None):
                        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
                        "seconds": time.perf_counter() - start},
               "test_target": target_of(spec, tabs["test"].large_correct),
-              "baselines": base, "best_handcrafted": best_handcrafted(calibrated), "probe": probe_info, **res}
+              "baselines": base, "best_handcrafted": best, "probe": probe_info, **res}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(result), encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

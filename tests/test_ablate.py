@@ -153,6 +153,11 @@ def test_ablation_finds_the_features_that_carry_the_signal(tmp_path):
     # the handcrafted single-feature routers, calibrated the same way, cost more (0.68 here)
     best = res["baselines"][res["best_handcrafted"]]
     assert f["all"]["relative_cost"]["mean"] < best["relative_cost"], (f["all"], best)
+    # each seed's cost minus the best handcrafted router's, seed 0 with a paired interval around it
+    for run in f["all"]["runs"]:
+        assert abs(run["vs_ref"] - (run["relative_cost"] - best["relative_cost"])) < 1e-9
+    lo, hi = f["all"]["vs_best_handcrafted_ci_seed0"]
+    assert lo <= f["all"]["runs"][0]["vs_ref"] <= hi and hi < 0, (lo, hi)
     # the tries section ran on the same tables, and the report names every variant
     assert set(res["tries"]) == {"token statistics (the method)", "+ running answer",
                                  "linear policy (no hidden layer)", "smaller MLP (one hidden layer of 16)",
