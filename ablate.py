@@ -5,6 +5,7 @@ except --probe, which reads every question once with the small model):
 
     python ablate.py                      # results/svamp/{train,calib,test}.jsonl -> results/svamp/ablations.{md,json}
     python ablate.py --probe              # adds the linear probe on the small model's hidden state
+    python ablate.py --probe --test-after 121   # measured on the test questions after line 121 only
 
 For one accuracy target (--target-relative R, default 0.95: R x the large model's accuracy on
 the same questions), every variant below is trained on the train table (train_policy.train,
@@ -315,7 +316,8 @@ def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Ablations: {m['tables']}", "",
              f"Target: accuracy >= {m['target_relative']} x the large model's on the same questions; "
-             f"train {m['n']['train']}, calibration {m['n']['calib']}, test {m['n']['test']} questions; "
+             f"train {m['n']['train']}, calibration {m['n']['calib']}, test {m['n']['test']} questions"
+             f"{f' (the test lines after the first {after})' if (after := m.get('test_after')) else ''}; "
              f"{m['seeds']} seeds per variant; delta {m['delta']}. Command: `{m['command']}` "
              f"({m['seconds']:.0f} s on {m['machine']}).", "",
              "Every router below was calibrated on the calibration questions and measured on the test "
@@ -390,6 +392,9 @@ def build_parser():
                    help="accuracy target R x the large model's (default 0.95)")
     p.add_argument("--delta", type=float, default=None, help="calibrate with a 1 - delta guarantee (default: plain rule)")
     p.add_argument("--seeds", type=int, default=5, help="training seeds per variant (default 5)")
+    p.add_argument("--test-after", type=int, default=0, metavar="N",
+                   help="measure on the test table's questions after its first N lines only (e.g. those "
+                        "added after a try was fixed; the probes' test AUC stays the whole table's)")
     p.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                    help="paired resamples for the interval of each variant's cost minus the best handcrafted "
                         "router's (default 2000)")
@@ -420,6 +425,7 @@ def main(argv=None):
     check_range("--seeds", args.seeds, 1)
     check_range("--iters", args.iters, 1)
     check_range("--bootstrap", args.bootstrap, 1)
+    check_range("--test-after", args.test_after, 0)
     check_range("--target-relative", args.target_relative, 0.0, None, lo_open=True)
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -457,6 +463,16 @@ def main(argv=None):
         tabs = {sl: with_columns(tabs[sl], torch.stack([logit(scores[label][sl]) for label in PROBE_LABELS], -1))
                 for sl in tabs}
         columns = columns + [column for _, column in PROBE_LABELS.values()]
+    if args.test_after:   # measure on the test questions after the first N lines only (probes fitted as before)
+        keep = list(range(args.test_after, tabs["test"].Q))
+        if not keep:
+            raise UsageError(f"--test-after {args.test_after}: {paths['test']} has {tabs['test'].Q} questions")
+        tabs["test"] = select(tabs["test"], keep)
+        extra_scores = {k: (c, t[keep]) for k, (c, t) in extra_scores.items()}
+        if args.probe:
+            for label in scores:
+                scores[label]["test"] = scores[label]["test"][keep]
+        print(f"test: the {len(keep)} questions after line {args.test_after} of {paths['test']}", flush=True)
     base, outs = baselines(tabs, spec, delta, extra_scores)
     best = best_handcrafted({n: base[n] for n in HANDCRAFTED})
     ref = {"cost": outs[best]["cost"][0], "counts": bootstrap_counts(tabs["test"].Q, args.bootstrap, 0)}
@@ -510,6 +526,7 @@ def main(argv=None):
 
     out = Path(args.out) if args.out else tables / "ablations.md"
     result = {"meta": {"tables": str(tables), "target_relative": args.target_relative, "delta": delta,
+                       "test_after": args.test_after,
                        "seeds": args.seeds, "n": {sl: tabs[sl].Q for sl in tabs},
                        "command": " ".join(["python ablate.py", *(sys.argv[1:] if argv is None else argv)]),
                        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",

@@ -167,6 +167,34 @@ def test_ablation_finds_the_features_that_carry_the_signal(tmp_path):
         assert f"| {name} |" in text
 
 
+def test_test_after_measures_only_the_later_test_lines(tmp_path):
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    recs = {}
+    for sl, n, seed in (("train", 60, 1), ("calib", 60, 2), ("test", 80, 3)):
+        recs[sl] = make_records(n, seed=seed, id_prefix=sl)
+        write_jsonl(tables / f"{sl}.jsonl", recs[sl])
+    out = tmp_path / "abl.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--tables", str(tables), "--out", str(out),
+                           "--skip", "features", "learning_curve", "tries", "--test-after", "50"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    later = recs["test"][50:]
+    assert res["meta"]["n"]["test"] == 30 and "after the first 50" in out.read_text()
+    import table as tb
+    t = tb.outcome_table(later, tb.Pricing(1.0, 1.0, 7.0, 7.0))
+    small, large = t.small_correct.mean().item(), t.large_correct.mean().item()
+    assert small != tb.outcome_table(recs["test"], tb.Pricing(1.0, 1.0, 7.0, 7.0)).small_correct.mean().item()
+    assert abs(res["baselines"]["small"]["accuracy"] - small) < 1e-12
+    assert abs(res["baselines"]["large"]["accuracy"] - large) < 1e-12
+    assert abs(res["test_target"] - 0.95 * large) < 1e-12
+    proc = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--tables", str(tables), "--out", str(out),
+                           "--skip", "features", "learning_curve", "tries", "--test-after", "80"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--test-after 80" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_missing_table_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "ablate.py"), "--tables", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
