@@ -113,8 +113,9 @@ def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: i
           config: TrainConfig, train_idx=None, ref: dict | None = None, **overrides) -> dict:
     """The policy on `features` (TrainConfig `config` with `overrides`), trained on the train
     table (or its questions train_idx) with seeds 0..seeds-1, each calibrated on calib and
-    measured on test; with `ref` (versus()), its relative cost minus the reference router's on
-    the same test questions, and for seed 0 a 95% paired bootstrap interval of it."""
+    measured on test; with `ref` ({"cost": [Q] per-question costs of a reference router on test,
+    "counts": evaluate.bootstrap_counts}), its relative cost minus the reference's on the same
+    questions, and for seed 0 a 95% paired bootstrap interval of it."""
     config = dataclasses.replace(config, **overrides)
     tr = tabs["train"] if train_idx is None else select(tabs["train"], train_idx)
     target = target_of(spec, tr.large_correct)
@@ -130,7 +131,8 @@ def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: i
             point["vs_ref"] = ((out["cost"][0] - ref["cost"]).sum() / test.large_cost.sum()).item()
             if seed == 0:
                 point["vs_ref_ci"] = interval((c @ out["cost"][0] - c @ ref["cost"]) / (c @ test.large_cost))
-        runs.append({"vs_ref": point.get("vs_ref"), "vs_ref_ci": point.get("vs_ref_ci"), "seed": seed, "kappa": cal["knob"], **{k: point[k] for k in (
+        runs.append({"seed": seed, "kappa": cal["knob"], "vs_ref": point.get("vs_ref"),
+                     "vs_ref_ci": point.get("vs_ref_ci"), **{k: point[k] for k in (
             "accuracy", "relative_cost", "meets_target", "calibration_accuracy",
             "calibration_relative_cost", "calibration_met")},
             "test_hindsight_cost": hindsight_cost(tabs["test"], p_test, spec),
@@ -186,9 +188,11 @@ def escalation_by_step(tab, last: int = 4) -> dict:
     gain = tab.esc_correct - tab.small_correct[:, None]
     cost = tab.esc_cost / tab.large_cost.mean()
     out = {}
+
+    def mean(x, m):
+        return x[m].mean().item() if m.any() else None
     for t in range(1, last + 1):
         at = tab.mask & ((cols == t - 1) if t < last else (cols >= t - 1))[None, :]
-        mean = lambda x, m: x[m].mean().item() if m.any() else None   # noqa: E731
         out[f"step {t}" if t < last else f"steps >= {t}"] = {
             "n_wrong": int((at & wrong).sum()), "rescued": mean(tab.esc_correct, at & wrong),
             "n_right": int((at & ~wrong).sum()), "kept": mean(tab.esc_correct, at & ~wrong),
