@@ -60,7 +60,7 @@ import torch
 from calibrate import calibrate_scores
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from evaluate import (HANDCRAFTED, best_handcrafted, bootstrap_counts, calibrate_baselines, calibrated_point,
-                      calibration_summary, cost_to_reach, interval, method_scores, oracle_route)
+                      calibration_summary, cost_to_reach, method_scores, oracle_route, paired_cost_interval)
 import probe
 from table import (add_pricing_args, find_table, prm_price_from_args, pricing_from_args, read_table,
                    score_routes, select, sweep, target_of)
@@ -126,13 +126,13 @@ def judge(tabs: dict, features: list, columns: list, spec: dict, delta, seeds: i
         p_test = policy_probs(policy, tabs["test"])
         point, out = calibrated_point(tabs["test"], "policy", cal["knob"], calibration_summary(cal), spec, policy,
                                       scores=p_test)
+        vs_ref = vs_ref_ci = None
         if ref is not None:   # the same sum over questions as relative_cost, and its paired resamples
-            test, c = tabs["test"], ref["counts"]
-            point["vs_ref"] = ((out["cost"][0] - ref["cost"]).sum() / test.large_cost.sum()).item()
+            test = tabs["test"]
+            vs_ref = ((out["cost"][0] - ref["cost"]).sum() / test.large_cost.sum()).item()
             if seed == 0:
-                point["vs_ref_ci"] = interval((c @ out["cost"][0] - c @ ref["cost"]) / (c @ test.large_cost))
-        runs.append({"seed": seed, "kappa": cal["knob"], "vs_ref": point.get("vs_ref"),
-                     "vs_ref_ci": point.get("vs_ref_ci"), **{k: point[k] for k in (
+                vs_ref_ci = paired_cost_interval(ref["counts"], test, out["cost"][0], ref["cost"])
+        runs.append({"seed": seed, "kappa": cal["knob"], "vs_ref": vs_ref, "vs_ref_ci": vs_ref_ci, **{k: point[k] for k in (
             "accuracy", "relative_cost", "meets_target", "calibration_accuracy",
             "calibration_relative_cost", "calibration_met")},
             "test_hindsight_cost": hindsight_cost(tabs["test"], p_test, spec),
@@ -176,6 +176,12 @@ def wrong_auc(test, scores: torch.Tensor) -> float:
     return probe.auc(alarm, test.small_correct < 0.5)
 
 
+def escalation_values(tab) -> tuple[torch.Tensor, torch.Tensor]:
+    """[Q,T] each: the gain in correctness of escalating at each drafted step (escalate minus
+    never) and its cost relative to the mean all-large cost (padded steps: see tab.mask)."""
+    return tab.esc_correct - tab.small_correct[:, None], tab.esc_cost / tab.large_cost.mean()
+
+
 def escalation_by_step(tab, last: int = 4) -> dict:
     """Where escalating pays, per drafted step t = 1..last-1 and t >= last pooled: for the
     questions the small model gets WRONG, how often the large model, taking over at step t
@@ -185,8 +191,7 @@ def escalation_by_step(tab, last: int = 4) -> dict:
     escalating there (relative to the mean all-large cost). Hindsight: read off the outcomes."""
     cols = torch.arange(tab.T)
     wrong = (tab.small_correct < 0.5)[:, None]
-    gain = tab.esc_correct - tab.small_correct[:, None]
-    cost = tab.esc_cost / tab.large_cost.mean()
+    gain, cost = escalation_values(tab)
     out = {}
 
     def mean(x, m):
@@ -205,8 +210,7 @@ def escalation_by_score(tab, scores: torch.Tensor, bins: int = 4) -> list:
     quantile bin of the step's score (bins of equal size over all drafted steps, low to high):
     does a router that escalates where the score is high buy correctness, and at what price?"""
     s = scores.double()[tab.mask]
-    gain = (tab.esc_correct - tab.small_correct[:, None])[tab.mask]
-    cost = (tab.esc_cost / tab.large_cost.mean())[tab.mask]
+    gain, cost = (v[tab.mask] for v in escalation_values(tab))
     rank = torch.empty_like(s)
     rank[torch.argsort(s, stable=True)] = torch.arange(len(s), dtype=s.dtype)
     b = (rank * bins / len(s)).long()
@@ -452,17 +456,16 @@ def main(argv=None):
     print(f"tables {tables}: train {tabs['train'].Q}, calib {tabs['calib'].Q}, test {tabs['test'].Q} questions; "
           f"target {args.target_relative} x large; {plural(args.seeds, 'seed')} per variant", flush=True)
 
-    extra_scores, probe_info = {}, None
+    scores, probe_info = {}, None
     if args.probe:
         hidden = {sl: probe.hidden_for_table(paths[sl], None, dtype=args.probe_dtype) for sl in paths}
-        scores, probe_info = {}, {}
-        for label, (what, column) in PROBE_LABELS.items():
+        probe_info = {}
+        for label, (what, _) in PROBE_LABELS.items():
             scores[label], probe_info[label] = probe_scores(hidden, records, tabs, args, label)
             info = probe_info[label]
             print(f"probe '{what}' on the {info['layer']} layer: l2 {info['l2']:g}, PCA {info['dim']}; AUC per "
                   f"step: train (out of fold) {info['train_oof_auc']:.3f}, calib {info['calib_auc']:.3f}, "
                   f"test {info['test_auc']:.3f}", flush=True)
-            extra_scores[f"probe: {what}"] = (scores[label]["calib"], scores[label]["test"])
         logit = lambda x: torch.logit(x.clamp(1e-6, 1 - 1e-6))   # noqa: E731  (a linear policy's scale)
         tabs = {sl: with_columns(tabs[sl], torch.stack([logit(scores[label][sl]) for label in PROBE_LABELS], -1))
                 for sl in tabs}
@@ -472,11 +475,10 @@ def main(argv=None):
         if not keep:
             raise UsageError(f"--test-after {args.test_after}: {paths['test']} has {tabs['test'].Q} questions")
         tabs["test"] = select(tabs["test"], keep)
-        extra_scores = {k: (c, t[keep]) for k, (c, t) in extra_scores.items()}
-        if args.probe:
-            for label in scores:
-                scores[label]["test"] = scores[label]["test"][keep]
+        for label in scores:
+            scores[label]["test"] = scores[label]["test"][keep]
         print(f"test: the {len(keep)} questions after line {args.test_after} of {paths['test']}", flush=True)
+    extra_scores = {f"probe: {PROBE_LABELS[label][0]}": (s["calib"], s["test"]) for label, s in scores.items()}
     base, outs = baselines(tabs, spec, delta, extra_scores)
     best = best_handcrafted({n: base[n] for n in HANDCRAFTED})
     ref = {"cost": outs[best]["cost"][0], "counts": bootstrap_counts(tabs["test"].Q, args.bootstrap, 0)}

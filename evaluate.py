@@ -320,6 +320,12 @@ def boot_scores(counts, table: Table, out: dict):
     return acc, cost
 
 
+def paired_cost_interval(counts, table: Table, cost_a: torch.Tensor, cost_b: torch.Tensor):
+    """95% paired bootstrap interval of router a's relative cost minus router b's, from their
+    per-question costs [Q] on the same resamples `counts` (bootstrap_counts)."""
+    return interval((counts @ cost_a - counts @ cost_b) / (counts @ table.large_cost))
+
+
 def interval(samples: torch.Tensor):
     """Central 95% percentile interval; an infinite end ("never") becomes null."""
     lo, hi = torch.quantile(samples.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
@@ -469,9 +475,8 @@ def main(argv=None):
             diff = pc["relative_cost"] - calibrated[best]["relative_cost"]
             comparison = {"baseline": best, "relative_cost_difference": diff}
             if counts is not None:
-                denom = counts @ table.large_cost
-                boot = (counts @ outs["policy"]["cost"][0] - counts @ outs[best]["cost"][0]) / denom
-                comparison["ci"] = interval(boot)
+                comparison["ci"] = paired_cost_interval(counts, table, outs["policy"]["cost"][0],
+                                                        outs[best]["cost"][0])
             result["policy_vs_best_handcrafted"] = comparison
     if counts is not None:
         result["bootstrap"] = {"resamples": args.bootstrap, "seed": args.seed, "level": 0.95}
