@@ -251,9 +251,6 @@ def baselines(tabs: dict, spec: dict, delta, extra_scores: dict) -> tuple[dict, 
 # The hidden-state probe (probe.py): out-of-fold scores on train, a probe fitted on all of
 # train for calib and test.
 # ----------------------------------------------------------------------------------------
-PROBE_GRID = [(l2, dim) for dim in (8, 32, None) for l2 in (1.0, 10.0, 100.0)]
-
-
 PROBE_LABELS = {   # what a probe predicts of each drafted step, and its column in the tables
     "wrong": ("the small model's own answer is wrong", PROBE_FEATURE),
     "rescue": ("escalating here rescues a wrong answer", RESCUE_FEATURE),
@@ -272,7 +269,7 @@ def probe_labels(tab, at: list, label: str) -> torch.Tensor:
 def probe_scores(hidden: dict, records: dict, tabs: dict, args, label: str = "wrong") -> tuple[dict, dict]:
     """[Q,T] float64 probe probabilities of `label` (PROBE_LABELS) per table, and what was
     chosen. The probe's L2 penalty and PCA dimension are chosen by out-of-fold AUC on the
-    training questions alone (PROBE_GRID); the training table gets out-of-fold scores, the
+    training questions alone (probe.select_probe); the training table gets out-of-fold scores, the
     calibration and test tables the probe fitted on all training questions."""
     def rows(sl):   # X [N,D] (the chosen layer), y [N], question of each row, (q, t) of each row
         X, ids = probe.rows(hidden[sl], args.probe_layer)   # rows in table order, steps in order
@@ -284,15 +281,8 @@ def probe_scores(hidden: dict, records: dict, tabs: dict, args, label: str = "wr
     if ytr.min() == ytr.max():
         raise UsageError(f"{args.tables}: --probe needs training steps where \"{PROBE_LABELS[label][0]}\" "
                          "holds and ones where it does not")
-    fits = {}
-    for l2, dim in PROBE_GRID:   # chosen on the training questions only
-        if dim is None or dim < Xtr.shape[0]:
-            oof = probe.cross_fit(Xtr, ytr, gtr, folds=args.probe_folds, l2=l2, seed=0, dim=dim)
-            fits[(l2, dim)] = (probe.auc(oof, ytr), oof)
-    (l2, dim), (train_auc, oof) = max(fits.items(), key=lambda kv: kv[1][0])
-    fitted = probe.fit_probe(Xtr, ytr, l2=l2, dim=dim)
-    out, info = {}, {"label": PROBE_LABELS[label][0], "layer": ["mid", "last"][args.probe_layer], "l2": l2,
-                     "dim": dim, "train_oof_auc": train_auc}
+    fitted, oof, chosen = probe.select_probe(Xtr, ytr, gtr, folds=args.probe_folds)   # on train alone
+    out, info = {}, {"label": PROBE_LABELS[label][0], "layer": ["mid", "last"][args.probe_layer], **chosen}
     for sl in ("train", "calib", "test"):
         s = torch.zeros(tabs[sl].Q, tabs[sl].T, dtype=torch.float64)
         if sl == "train":
@@ -466,8 +456,7 @@ def main(argv=None):
             print(f"probe '{what}' on the {info['layer']} layer: l2 {info['l2']:g}, PCA {info['dim']}; AUC per "
                   f"step: train (out of fold) {info['train_oof_auc']:.3f}, calib {info['calib_auc']:.3f}, "
                   f"test {info['test_auc']:.3f}", flush=True)
-        logit = lambda x: torch.logit(x.clamp(1e-6, 1 - 1e-6))   # noqa: E731  (a linear policy's scale)
-        tabs = {sl: with_columns(tabs[sl], torch.stack([logit(scores[label][sl]) for label in PROBE_LABELS], -1))
+        tabs = {sl: with_columns(tabs[sl], torch.stack([probe.probe_logit(scores[label][sl]) for label in PROBE_LABELS], -1))
                 for sl in tabs}
         columns = columns + [column for _, column in PROBE_LABELS.values()]
     if args.test_after:   # measure on the test questions after the first N lines only (probes fitted as before)

@@ -301,7 +301,7 @@ def main(argv=None):
         check_range("--delta", args.delta, 0.0, 1.0, lo_open=True)
 
     policy = load_policy(args.policy)
-    table = load_table(args.data, args)
+    table = load_table(args.data, args, policy)   # with the hidden state, for a policy that reads it
     if uses_prm(policy):   # the policy consults the PRM at every step it scores: its cost too
         table = prm_table(table, args.data)
     check_overlap(table.hashes, args.data,

@@ -84,9 +84,13 @@ class LM:
                             on_done=on_done and (lambda i, g: on_done(i, cont(i, g))))
         return [cont(i, g) for i, g in enumerate(gens)]
 
-    def drafter(self, question: str, max_new_tokens: int, prefix: str = "") -> "StepDrafter":
-        """Step-by-step greedy decoding after the question and already written text."""
-        return StepDrafter(self, self.prompt(self.tokenizer, question, prefix), max_new_tokens)
+    def drafter(self, question: str, max_new_tokens: int, prefix: str = "",
+                hidden_layer: int | None = None) -> "StepDrafter":
+        """Step-by-step greedy decoding after the question and already written text; with
+        `hidden_layer` k, each step (and the drafter, for the prompt) also carries the model's
+        hidden_states[k] at its last token (the hidden-state policy; DESIGN section 4)."""
+        return StepDrafter(self, self.prompt(self.tokenizer, question, prefix), max_new_tokens,
+                           hidden_layer)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -725,25 +729,36 @@ class StepDrafter:
     The KV cache carries over between steps, so each token is encoded exactly once, and
     the next token's logits are always computed ahead: right after a step, `ended` already
     knows whether the solution stops there (as the table's last step does). The steps it
-    yields are the ones split_steps() cuts from a one-shot generation."""
+    yields are the ones split_steps() cuts from a one-shot generation.
 
-    def __init__(self, lm: LM, prompt_ids: list, max_new_tokens: int):
+    With `hidden_layer` k the same forward passes also return hidden_states[k] (no extra
+    model call): `question_hidden` is the state at the prompt's last token, and each step's
+    "hidden" the state at its last token, float32 on the CPU: what probe.hidden_states
+    computes teacher-forced for a table's sidecar. (A step that spends the token budget has
+    its last token fed once more only for that state.)"""
+
+    def __init__(self, lm: LM, prompt_ids: list, max_new_tokens: int, hidden_layer: int | None = None):
         from transformers import DynamicCache
         self.lm, self.budget, self.prompt_tokens = lm, max_new_tokens, len(prompt_ids)
+        self.hidden_layer, self.hidden = hidden_layer, None  # the state at the last fed token
         self.cache = DynamicCache(config=lm.model.config)
         self.seen = 0  # tokens in the cache
         self.generated = 0
         self.solution_ids, self.solution_text = [], ""  # what the drafter has written
         self.logits = self._feed(list(prompt_ids))  # next-token logits
+        self.question_hidden = self.hidden
 
     def _feed(self, ids: list):
         import torch
         pos = torch.arange(self.seen, self.seen + len(ids), device=self.lm.device)
+        want = self.hidden_layer is not None
         with torch.inference_mode():
             out = self.lm.model(input_ids=torch.tensor([ids], device=self.lm.device),
                                 use_cache=True, position_ids=pos[None], logits_to_keep=1,
-                                **cache_kwargs(self.lm.model, self.cache))
+                                output_hidden_states=want, **cache_kwargs(self.lm.model, self.cache))
         self.seen += len(ids)
+        if want:
+            self.hidden = out.hidden_states[self.hidden_layer][0, -1].float().cpu()
         return out.logits[:, -1]
 
     @property
@@ -763,8 +778,8 @@ class StepDrafter:
             lps.append(float(lp))
             ents.append(float(ent))
             self.generated += 1
-            if self.generated < self.budget:  # else the token is never needed as input
-                self.logits = self._feed([tok])
+            if self.generated < self.budget or self.hidden_layer is not None:
+                self.logits = self._feed([tok])  # else the token is never needed as input
             if ends_step_id(flags, prev, tok):
                 break
             prev = tok
@@ -773,7 +788,8 @@ class StepDrafter:
         self.solution_ids += ids
         text, self.solution_text = decode_more(self.lm.tokenizer, self.solution_ids,
                                                self.solution_text, ids)
-        return {**make_step(text, lps, ents), "ids": ids}
+        step = {**make_step(text, lps, ents), "ids": ids}
+        return step if self.hidden_layer is None else {**step, "hidden": self.hidden}
 
 
 # ----------------------------------------------------------------------------------------

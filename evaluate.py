@@ -86,7 +86,7 @@ from report import plot_escalation_steps, plot_tradeoff, write_markdown
 from table import (Table, add_pricing_args, aggregate, check_overlap, first_crossing, outcome_columns,
                    route_outcomes, target_of, with_prm_cost)
 from train_policy import (FEATURE_NAMES, escalation_distribution, load_policy, load_table, policy_probs,
-                          uses_prm)
+                          uses_hidden, uses_prm)
 
 # method -> (feature, sign): escalate at the first step with sign * stat >= sign * tau
 HANDCRAFTED = {"mean_logprob": ("draft_mean_logprob", -1), "min_logprob": ("draft_min_logprob", -1),
@@ -374,6 +374,9 @@ def prm_policy(args, table: Table, calib):
     if not uses_prm(policy):
         raise UsageError(f"--policy-prm {args.policy_prm}: the policy reads none of the PRM's "
                          f"features (train it with train_policy.py --with-prm)")
+    if uses_hidden(policy):
+        raise UsageError(f"--policy-prm {args.policy_prm}: a policy+prm that also reads the hidden "
+                         f"state is not supported here; evaluate it as --policy")
     if not has_prm_router(table):
         print(f"warning: {args.data} has no PRM scores on every question (rollout.py --prm / "
               f"--rescore), or they have no price: policy+prm is skipped", file=sys.stderr)
@@ -397,8 +400,8 @@ def main(argv=None):
     if cal is not None and cal["policy_sha256"] != sha256(args.policy):
         raise UsageError(f"{args.calibration} was made for policy {cal['policy']} "
                          f"(sha256 {cal['policy_sha256'][:12]}...), not for {args.policy}")
-    table = load_table(args.data, args)
-    calib = load_table(args.calib_data, args) if args.calib_data else None
+    table = load_table(args.data, args, policy)   # with the hidden state, for a policy that reads it
+    calib = load_table(args.calib_data, args, policy) if args.calib_data else None
     earlier = [(f"{args.policy} (its training questions)", policy.meta.get("question_hashes") if policy else None),
                (f"{args.calibration} (its calibration questions)", cal.get("question_hashes") if cal else None),
                (f"{args.calib_data}", calib.hashes if calib else None)]

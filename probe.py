@@ -1,16 +1,23 @@
 """The small model's hidden state at the end of each drafted step, and a linear probe on it.
 
-An experiment beside the method (issue #15): does the small model's state hold more about
-"hand over now" than the token statistics the policy sees? This is the shared machinery
-(ablate.py runs the comparison). A table's hidden states are written by
+Library machinery of the hidden-state policy (docs/DESIGN.md section 4): the token statistics
+barely tell when the small model goes wrong, its middle-layer state tells it far better. A
+table's states are kept beside it in a sidecar file, `TABLE.hidden.pt` (the middle layer,
+float16), written by
 
-    python probe.py --table results/svamp/train.jsonl
+    python rollout.py --add-hidden results/svamp/train.jsonl
 
-(the small model is the table's pool.small.model, `~` expanded, or `--small PATH`).
+(the small model alone, teacher-forced over the recorded steps; the small model is the
+table's pool.small.model, `~` expanded, or `--small PATH`). train_policy.py --hidden-state fits
+the probe on them (`select_probe`), calibrate.py and evaluate.py read them through the
+policy's stored probe, and route.py takes the same state from the drafter's own forward pass
+(engine.StepDrafter). ablate.py uses the same machinery with both layers cached under runs/
+(`python probe.py --table TABLE`).
 
-1. **States** (`step_hidden_states`): per question ONE forward pass of the small model over
+1. **States** (`hidden_states`): per question ONE forward pass of the small model over
    `rollout.prompt_text(question)` + all its steps' text, and per step the hidden state at
-   the step's last token (by causality the state the model was in when it wrote it). That
+   the step's last token (by causality the state the model was in when it wrote it); also
+   the state at the prompt's last token (the question, before anything is drafted). That
    token is found with the fast tokenizer's offset mapping on the concatenated text (the
    last token starting before the step's end). The text is RE-tokenized, which can differ
    from the generated ids where generation chose a split that BPE merges: in the committed
@@ -18,15 +25,20 @@ An experiment beside the method (issue #15): does the small model's state hold m
    from its 4th step on. "mid" = `hidden_states[num_layers // 2]` (output of that decoder
    layer), "last" = the final normed state; an int k = `hidden_states[k]`. Kept as float16.
 2. **The file** (`save_hidden`, `load_hidden`, `hidden_for_table`): a torch.save'd dict
-   {"format": FORMAT, "ids", "hidden": {id: [n_steps, n_layers, hidden]}, "meta": {"model",
-   "layers", "dtype", "prompt", "table", "table_sha256", "keys": {id: sha256 of question and
-   step texts}}}, by default runs/hidden/<table folder>-<table stem>.hidden.pt (runs/ is
-   ignored by git). A question is reused where model, layers, dtype and prompt match and its
+   {"format": FORMAT, "ids", "hidden": {id: [n_steps, n_layers, hidden]}, "question": {id:
+   [n_layers, hidden]}, "meta": {"model", "layers", "dtype", "prompt", "table",
+   "table_sha256", "keys": {id: sha256 of question and step texts}}}: the sidecar
+   `sidecar_path(TABLE)` = TABLE.hidden.pt (`table_states` reads it for the stages, one line
+   naming the command where it is missing or stale), or for ablate.py
+   runs/hidden/<table folder>-<table stem>.hidden.pt (runs/ is ignored by git). A question is reused where model, layers, dtype and prompt match and its
    key too; only the others are computed, and the file is replaced atomically. (The model is
    known by its path: a folder replaced in place is not detected.)
-3. **The probe** (`fit_probe`, `cross_fit`): L2 logistic regression on standardised rows
-   (optionally on their first `dim` principal components), float64, full-batch L-BFGS:
-   deterministic. `cross_fit`: out-of-fold probabilities, a question's rows in one fold.
+3. **The probe** (`fit_probe`, `cross_fit`, `select_probe`): L2 logistic regression on
+   standardised rows (optionally on their first `dim` principal components), float64,
+   full-batch L-BFGS: deterministic. `cross_fit`: out-of-fold probabilities, a question's rows
+   in one fold. `select_probe`: the L2 penalty and PCA dimension chosen by out-of-fold AUC on
+   the training rows alone (PROBE_GRID), the out-of-fold scores, and the probe refitted on all
+   of them. A policy reads a probe by its clamped logit (`probe_logit`).
 """
 from __future__ import annotations
 
@@ -42,16 +54,19 @@ from torch.nn.utils.rnn import pad_sequence
 
 from cli import UsageError, check_range, make_parser, run_cli
 
-FORMAT = "stepwise-routing/hidden-states/1"
+FORMAT = "stepwise-routing/hidden-states/2"   # /2: the question's state too
+SIDECAR_LAYERS = ("mid",)   # what a sidecar beside a table keeps (float16: ~1.8 KB a step for a 0.5B model)
 
 
 # ----------------------------------------------------------------------------------------
 # 1. Hidden states at step ends: one forward pass per question.
 # ----------------------------------------------------------------------------------------
 def step_positions(tokenizer, record: dict) -> tuple[list, list]:
-    """(token ids of prompt + all steps' text, index of each step's last token)."""
+    """(token ids of prompt + all steps' text, [index of the prompt's last token, index of
+    each step's last token])."""
     from rollout import prompt_text
-    text, ends = prompt_text(tokenizer, record["question"]), []
+    text = prompt_text(tokenizer, record["question"])
+    ends = [len(text)]
     for step in record["small"]["steps"]:
         text += step["text"]
         ends.append(len(text))
@@ -74,19 +89,19 @@ def layer_indices(layers, num_layers: int) -> list:
 
 
 @torch.no_grad()
-def step_hidden_states(lm, records: list, layers=("mid", "last"), batch_size: int = 8,
-                       store=torch.float16) -> list:
-    """Per record, a `store` tensor [n_steps, len(layers), hidden]: the small model's state at
-    the last token of each step. `lm` is an engine.LM (engine.load_lm). Records are batched
-    by length, right-padded: a real token never attends to padding (causal mask), so its
+def hidden_states(lm, records: list, layers=("mid", "last"), batch_size: int = 8,
+                  store=torch.float16) -> list:
+    """Per record, (question state [len(layers), hidden], step states [n_steps, len(layers),
+    hidden]) as `store` tensors: the small model's state at the prompt's last token and at the
+    last token of each step. `lm` is an engine.LM (engine.load_lm). Records are batched by
+    length, right-padded: a real token never attends to padding (causal mask), so its
     positions are 0..n-1 as in a lone pass."""
     model, tok = lm.model, lm.tokenizer
     base = model.base_model  # the decoder without the LM head
-    n_layers, width = model.config.num_hidden_layers, model.config.hidden_size
-    picks = layer_indices(layers, n_layers)
+    picks = layer_indices(layers, model.config.num_hidden_layers)
     encoded = [step_positions(tok, r) for r in records]
-    out = [torch.empty(0, len(picks), width, dtype=store) for _ in records]
-    order = sorted((i for i, (_, pos) in enumerate(encoded) if pos), key=lambda i: len(encoded[i][0]))
+    out = [None] * len(records)
+    order = sorted(range(len(records)), key=lambda i: len(encoded[i][0]))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         seqs = [torch.tensor(encoded[i][0]) for i in batch]
@@ -97,10 +112,16 @@ def step_hidden_states(lm, records: list, layers=("mid", "last"), batch_size: in
                    position_ids=positions.to(lm.device), output_hidden_states=True, use_cache=False)
         for row, i in enumerate(batch):
             at = torch.tensor(encoded[i][1], device=lm.device)
-            states = [(res.last_hidden_state if k == "last" else res.hidden_states[k])[row, at]
-                      for k in picks]
-            out[i] = torch.stack(states, dim=1).to("cpu", store)
+            states = torch.stack([(res.last_hidden_state if k == "last" else res.hidden_states[k])[row, at]
+                                  for k in picks], dim=1).to("cpu", store)
+            out[i] = (states[0], states[1:])
     return out
+
+
+def step_hidden_states(lm, records: list, layers=("mid", "last"), batch_size: int = 8,
+                       store=torch.float16) -> list:
+    """Per record, the step states of hidden_states(): [n_steps, len(layers), hidden]."""
+    return [steps for _, steps in hidden_states(lm, records, layers, batch_size, store)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,25 +133,38 @@ def record_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(texts).encode("utf-8")).hexdigest()
 
 
-def save_hidden(path, ids: list, tensors: list, meta: dict) -> None:
-    """Write the file whole to a temporary name next to `path`, then move it over `path`."""
+def save_hidden(path, ids: list, tensors: list, meta: dict, questions: list) -> None:
+    """Write the file whole to a temporary name next to `path`, then move it over `path`.
+    `tensors`: each question's step states; `questions`: its state before any draft."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save({"format": FORMAT, "ids": list(ids), "hidden": dict(zip(ids, tensors)),
-                    "meta": meta}, tmp)
+                    "question": dict(zip(ids, questions)), "meta": meta}, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def load_hidden(path) -> dict:
-    """{"format", "ids", "hidden": {id: tensor}, "meta"} as save_hidden wrote it."""
-    blob = torch.load(path, weights_only=True)
+    """{"format", "ids", "hidden": {id: tensor}, "question": {id: tensor}, "meta"} as
+    save_hidden wrote it."""
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises many types for a file that is not its own
+        raise UsageError(f"{path}: not a readable hidden-state file ({type(err).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise UsageError(f"{path}: not a hidden-state file of this build ({FORMAT})")
+        raise UsageError(f"{path}: not a hidden-state file of this build ({FORMAT}); "
+                         f"write it again with `python rollout.py --add-hidden TABLE`")
     return blob
+
+
+def sidecar_path(table_path) -> Path:
+    """Where a table's hidden states are kept: beside it, TABLE.hidden.pt (.jsonl[.gz] dropped)."""
+    table_path = Path(table_path)
+    stem = table_path.name.removesuffix(".gz").removesuffix(".jsonl")
+    return table_path.with_name(f"{stem}.hidden.pt")
 
 
 def default_out(table_path) -> Path:
@@ -165,20 +199,45 @@ def hidden_for_table(table_path, model: str | None = None, out=None, dtype: str 
             "table": str(table_path),
             "table_sha256": hashlib.sha256(Path(table_path).read_bytes()).hexdigest(),
             "keys": {r["id"]: record_key(r) for r in records}}
-    old = load_hidden(out) if out.is_file() else None
+    try:
+        old = load_hidden(out) if out.is_file() else None
+    except UsageError:  # a file of an earlier format: computed anew
+        old = None
     same = old is not None and os.path.expanduser(old["meta"]["model"]) == os.path.expanduser(model) \
         and all(old["meta"][k] == meta[k] for k in ("layers", "dtype", "prompt"))
-    hidden = {i: old["hidden"][i] for i in meta["keys"]
-              if same and old["meta"]["keys"].get(i) == meta["keys"][i]}
-    todo = [r for r in records if r["id"] not in hidden]
+    kept = {i: (old["question"][i], old["hidden"][i]) for i in meta["keys"]
+            if same and old["meta"]["keys"].get(i) == meta["keys"][i]}
+    todo = [r for r in records if r["id"] not in kept]
     if todo:
         lm = load_lm(model, device, dtype)
-        hidden.update(zip([r["id"] for r in todo], step_hidden_states(lm, todo, layers, batch_size)))
+        kept.update(zip([r["id"] for r in todo], hidden_states(lm, todo, layers, batch_size)))
     ids = [r["id"] for r in records]
+    hidden, question = {i: kept[i][1] for i in ids}, {i: kept[i][0] for i in ids}
     if todo or old is None or old["meta"] != meta:
-        save_hidden(out, ids, [hidden[i] for i in ids], meta)
-    return {"format": FORMAT, "ids": ids, "hidden": {i: hidden[i] for i in ids}, "meta": meta,
+        save_hidden(out, ids, [hidden[i] for i in ids], meta, [question[i] for i in ids])
+    return {"format": FORMAT, "ids": ids, "hidden": hidden, "question": question, "meta": meta,
             "computed": len(todo), "path": out}
+
+
+def table_states(table_path, records: list, layer: str = "mid", path=None) -> dict:
+    """The hidden states of a table's questions from its sidecar (or `path`), for the stages:
+    {id: (question state [hidden], step states [n_steps, hidden])} of `layer`, float32. One
+    line naming the command where the file is missing, of another layer set, or stale (a
+    question missing or its text changed)."""
+    path = Path(path) if path else sidecar_path(table_path)
+    fix = f"run `python rollout.py --add-hidden {table_path}`"
+    if not path.is_file():
+        raise UsageError(f"{table_path}: no hidden states beside it ({path}); {fix}")
+    blob = load_hidden(path)
+    if layer not in blob["meta"]["layers"]:
+        raise UsageError(f"{path}: holds layers {blob['meta']['layers']}, not {layer!r}; {fix}")
+    k = blob["meta"]["layers"].index(layer)
+    stale = [r["id"] for r in records if blob["meta"]["keys"].get(r["id"]) != record_key(r)]
+    if stale:
+        raise UsageError(f"{path}: no states for {len(stale)} of the table's {len(records)} questions "
+                         f"(e.g. {stale[0]}); {fix}")
+    return {r["id"]: (blob["question"][r["id"]][k].float(), blob["hidden"][r["id"]][:, k].float())
+            for r in records}
 
 
 def rows(hidden: dict, layer: int = -1) -> tuple[torch.Tensor, list]:
@@ -257,6 +316,28 @@ def cross_fit(X, y, groups: list, folds: int = 5, l2: float = 1.0, seed: int = 0
         else:
             p[test] = fit_probe(X[train], y[train], l2, dim).score(X[test])
     return p
+
+
+PROBE_GRID = [(l2, dim) for dim in (8, 32, None) for l2 in (1.0, 10.0, 100.0)]
+
+
+def select_probe(X, y, groups: list, folds: int = 5, grid=PROBE_GRID) -> tuple:
+    """(probe fitted on all rows, out-of-fold P(y = 1) per row, {"l2", "dim", "train_oof_auc"}):
+    the L2 penalty and PCA dimension of `grid` with the best out-of-fold AUC on these rows
+    (a question's rows in one fold; ties: the first in grid order)."""
+    fits = {}
+    for l2, dim in grid:
+        if dim is None or dim < len(y):
+            oof = cross_fit(X, y, groups, folds=folds, l2=l2, seed=0, dim=dim)
+            fits[(l2, dim)] = (auc(oof, y), oof)
+    (l2, dim), (train_auc, oof) = max(fits.items(), key=lambda kv: kv[1][0])
+    return fit_probe(X, y, l2=l2, dim=dim), oof, {"l2": l2, "dim": dim, "train_oof_auc": train_auc}
+
+
+def probe_logit(p: torch.Tensor) -> torch.Tensor:
+    """The feature a policy reads from a probe's probability: its logit, clamped to +-13.8
+    (probabilities within 1e-6 of 0 or 1), so that one saturated row cannot dominate."""
+    return torch.logit(torch.as_tensor(p, dtype=torch.float64).clamp(1e-6, 1 - 1e-6))
 
 
 def auc(scores, y) -> float:

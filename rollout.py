@@ -33,6 +33,15 @@ pool (`--prm MODEL --rescore TABLE [--out OUT]`; OUT defaults to TABLE, replaced
     python rollout.py --dataset gsm8k --split test --prm Qwen/Qwen2.5-Math-PRM-7B \
         --out results/gsm8k/test.jsonl
     python rollout.py --prm Qwen/Qwen2.5-Math-PRM-7B --rescore results/gsm8k/test.jsonl
+
+A policy that reads the small model's hidden state (train_policy.py --hidden-state) needs the
+states of every table it meets, kept beside it (TABLE.hidden.pt: the middle layer at the
+prompt's last token and at each step's last token, float16, ~2 KB a step for a 0.5B model).
+`--add-hidden` adds them to any existing table, however and whenever it was built: the small
+model alone (the table's own, or `--small`), teacher-forced over the recorded steps, in the
+dtype the table was built in; only questions the file lacks are computed:
+
+    python rollout.py --add-hidden results/gsm8k/train.jsonl results/gsm8k/calib.jsonl
 """
 from __future__ import annotations
 
@@ -62,9 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="test", help="the dataset's split (default test)")
     p.add_argument("--limit", type=int, default=None, help="at most this many questions (default: all)")
     p.add_argument("--offset", type=int, default=0, help="skip this many questions first (default 0)")
-    p.add_argument("--small", default=DEFAULT_SMALL,
+    p.add_argument("--small", default=None,
                    help="hub id, model folder or .gguf file; with --small-api, the model the "
-                        f"server serves (default {DEFAULT_SMALL})")
+                        f"server serves (default {DEFAULT_SMALL}; with --add-hidden, the table's)")
     p.add_argument("--large", default=DEFAULT_LARGE,
                    help="hub id, model folder or .gguf file; with --large-api, the model the "
                         f"server serves (default {DEFAULT_LARGE})")
@@ -77,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--rescore", metavar="TABLE",
                    help="with --prm: add the PRM's scores to an existing table (.jsonl or "
                         ".jsonl.gz) without loading the pool")
+    p.add_argument("--add-hidden", metavar="TABLE", nargs="+",
+                   help="add the small model's hidden states to existing tables (TABLE.hidden.pt "
+                        "beside each; the small model alone, teacher-forced; resumable)")
     p.add_argument("--prm-batch-size", type=int, default=8,
                    help="solutions the PRM scores in one forward pass (default 8)")
     add_api_args(p)
@@ -105,7 +117,13 @@ def parse_args(argv=None):
         raise UsageError("--rescore TABLE needs --prm MODEL (the PRM to score the table with)")
     if args.rescore is not None and args.dataset is not None:
         raise UsageError("--rescore scores an existing table: it takes no --dataset")
-    if args.rescore is None and (args.dataset is None or args.out is None):
+    if args.add_hidden is not None and (args.dataset or args.rescore or args.out or args.prm):
+        raise UsageError("--add-hidden reads existing tables: it takes no --dataset, --rescore, "
+                         "--out or --prm")
+    if args.add_hidden is not None and args.small_api:
+        raise UsageError("--add-hidden: a small model behind a server (--small-api) has no hidden "
+                         "state to read; give --small PATH, a local copy of it")
+    if args.rescore is None and args.add_hidden is None and (args.dataset is None or args.out is None):
         raise UsageError("the following arguments are required: "
                          + ", ".join(f for f, v in (("--dataset", args.dataset), ("--out", args.out))
                                      if v is None))
@@ -116,6 +134,7 @@ def parse_args(argv=None):
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     if args.offset < 0:
         raise UsageError(f"--offset must be >= 0, got {args.offset}")
+    args.small_given, args.small = args.small is not None, args.small or DEFAULT_SMALL
     return args
 
 
@@ -304,10 +323,37 @@ def rescore(args) -> int:
     return 0
 
 
+def add_hidden(args) -> int:
+    """--add-hidden TABLE...: each table's sidecar of hidden states (probe.hidden_for_table:
+    the questions it lacks, or whose text changed, are computed; the file is replaced whole)."""
+    import os
+    import time
+    import probe
+    from table import read_table
+    for path in args.add_hidden:
+        records = read_table(path)
+        model = args.small if args.small_given else probe.small_model_of(records, path)
+        load_lm(model, check_only=True)  # a mistyped path or an unknown hub id: one line, now
+        if Path(model).expanduser().exists():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model: never ask the hub
+        built = {d for r in records for d in (r.get("settings") or {}).get("dtype") or []}
+        dtype = args.dtype if args.dtype != "auto" or len(built) != 1 else built.pop()
+        batch = args.batch_size if isinstance(args.batch_size, int) else 8
+        start = time.time()
+        got = probe.hidden_for_table(path, model, probe.sidecar_path(path), dtype, probe.SIDECAR_LAYERS,
+                                     batch, resolve_device(args.device))
+        size = got["path"].stat().st_size
+        print(f"wrote {got['path']} ({len(got['ids'])} questions, {got['computed']} computed, "
+              f"{size / 1e6:.1f} MB, {dtype}) in {time.time() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.rescore is not None:
         return rescore(args)
+    if args.add_hidden is not None:
+        return add_hidden(args)
     import torch
     # TRY NOT TO MODIFY: seeding, devices, resuming, sharding, engine sizing
     random.seed(args.seed)

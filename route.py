@@ -131,9 +131,11 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     else the policy escalates at the first step with p >= kappa; kappa None (a calibration
     whose fallback is the large model) is the large model alone: nothing is drafted.
     `prm` (prm.py; for a policy trained --with-prm) scores each draft live, the prefix ending
-    at it, as rollout.py --prm scored the table; its reading is part of the cost."""
+    at it, as rollout.py --prm scored the table; its reading is part of the cost. A policy
+    trained --hidden-state reads the drafter's own hidden state at each draft's last token
+    (the same forward pass, no extra model call) through its stored probe."""
     import torch
-    from train_policy import state_features
+    from train_policy import hidden_wrong_logits, state_features
 
     def need(m):
         return m.get() if isinstance(m, LazyLM) else m
@@ -148,10 +150,14 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
         display.note("large model only" + (" (the calibration's fallback)" if escalate_at is None else ""))
     else:
         # ALGO LOGIC: draft a step, score its state, escalate at the first p >= kappa
-        drafter = need(small).drafter(question, max_new_tokens)
+        reads_hidden = policy is not None and policy.probe is not None
+        drafter = need(small).drafter(question, max_new_tokens, **(
+            {"hidden_layer": hidden_layer(policy, need(small))} if reads_hidden else {}))
         while (draft := drafter.next_step()) is not None:
             t = len(accepted) + 1
             small_tokens += draft["tokens"]
+            if reads_hidden:   # the probe's logit at the draft's last token (train_policy.py --hidden-state)
+                draft["hidden_wrong"] = float(hidden_wrong_logits(policy.probe, draft["hidden"][None])[0])
             if prm is not None:   # the PRM's judgement of the prefix ending at the draft
                 from prm import score_steps
                 texts = [s["text"] for s in accepted + [draft]]
@@ -164,6 +170,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
             escalate = t == escalate_at if escalate_at is not None else p >= kappa
             steps.append({"text": draft["text"], "model": "small", "p_escalate": p,
                           "accepted": not escalate,
+                          **({"hidden_wrong": draft["hidden_wrong"]} if reads_hidden else {}),
                           **({"prm_score": draft["prm_score"]} if prm is not None else {})})
             display.step(t, "small", draft["text"], p, kappa if escalate_at is None else None,
                          accepted=not escalate)
@@ -208,6 +215,18 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
                        **({"prm_read": prm_read} if prm is not None else {})},
             "relative_cost": relative_cost, "relative_cost_is_estimate": escalated_at != 0,
             "seconds": round(seconds, 3), "load_seconds": round(loads, 3)}
+
+
+def hidden_layer(policy, lm) -> int:
+    """The index into the drafter's hidden_states that the policy's probe reads (its layer,
+    e.g. "mid"), checked against the probe's width: one line where the model is another."""
+    from probe import layer_indices
+    config = lm.model.config
+    if policy.probe_info.get("width") != config.hidden_size:
+        raise UsageError(f"the policy's hidden-state probe reads states of width {policy.probe_info.get('width')} "
+                         f"({policy.probe_info.get('model')}), but the small model {lm.name} has "
+                         f"{config.hidden_size}")
+    return layer_indices([policy.probe_info["layer"]], config.num_hidden_layers)[0]
 
 
 def prm_tokens(prm, question: str, texts: list) -> int:
@@ -335,6 +354,10 @@ def main(argv=None) -> int:
             display.note(f"{role} model: {name} ({source})")
         models[role] = LazyLM(name, load, params, display.note)
     small, large = models["small"], models["large"]
+    if policy is not None and policy.probe is not None and not large_only and \
+            (args.small_api or pool.get("small", {}).get("backend") == "api" and not args.small):
+        raise UsageError(f"{args.policy} reads the small model's hidden state (train_policy.py "
+                         f"--hidden-state); a small model behind a server has none: give a local --small")
     if (large.name, args.large_api) == (small.name, args.small_api):
         large = small
     if args.interactive:  # a prompt loop: load what every question may need, once

@@ -25,6 +25,19 @@ The method, top to bottom:
    `--price-small IN,OUT --price-large IN,OUT`), takes the correctness and cost of every
    outcome from table.py (escalate at step t, never escalate, the large model alone) and
    adds the state features of every drafted step.
+   **The small model's hidden state** (`--hidden-state`, section 4). The token statistics
+   barely tell when the small model goes wrong; its middle-layer state at the end of each
+   drafted step tells it far better. `fit_hidden_probe()` fits a linear probe (probe.py: L2
+   logistic regression, penalty and PCA dimension chosen by out-of-fold AUC on the training
+   questions alone) for "the small model's own answer is wrong" on the states kept beside the
+   table (TABLE.hidden.pt, `rollout.py --add-hidden TABLE`); its logit at the draft is one more
+   feature, `draft_hidden_wrong`. The training questions' own features are its OUT-OF-FOLD
+   logits (a question's steps scored by a probe that never saw it), so the policy learns how
+   far to trust the probe on questions it has not seen; the probe refitted on all of them is
+   stored in policy.pt (layer, dimension, normalisation, weights), and calibrate.py,
+   evaluate.py and route.py read every other table's, and the live drafter's, states through
+   it. `--hidden` with no widths gives a linear policy (the variant checked on fresh questions:
+   README).
 3. **Policy.** `Policy` is an MLP on normalised features giving p(escalate | s_t).
 4. **Training** (section 1). Episodes are sampled from the stochastic policy (Bernoulli
    escalation at each valid step, stop at the first escalation) and scored: correct in
@@ -60,9 +73,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import probe
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from table import (Pricing, Table, add_pricing_args, add_target_args, load_records, outcome_columns,
-                   outcome_table, prm_price_from_args, resolve_target, with_prm_cost)
+                   outcome_table, prm_price_from_args, resolve_target, table_pool, with_prm_cost)
 
 
 # ----------------------------------------------------------------------------------------
@@ -87,7 +101,12 @@ PRM_FEATURES = [
     "draft_prm_score",         # the PRM's score of the prefix ending at the draft
     "prev_min_prm_score",      # the lowest score of the accepted steps 1..t-1; 1.0 when t = 1
 ]
-FEATURE_NAMES = BASE_FEATURES + PRM_FEATURES   # column order of the table's features
+# The small model's hidden state (steps[i].hidden_wrong, the logit of the policy's probe at the
+# draft): only for policies trained with --hidden-state, which carry the probe.
+HIDDEN_FEATURES = [
+    "draft_hidden_wrong",      # logit P(the small model's answer is wrong | its state at the draft)
+]
+FEATURE_NAMES = BASE_FEATURES + PRM_FEATURES + HIDDEN_FEATURES   # column order of the table's features
 
 
 def uses_prm(policy) -> bool:
@@ -95,12 +114,19 @@ def uses_prm(policy) -> bool:
     return any(f in PRM_FEATURES for f in policy.feature_names)
 
 
+def uses_hidden(policy) -> bool:
+    """Does the policy read the small model's hidden state (through its stored probe)?"""
+    return any(f in HIDDEN_FEATURES for f in policy.feature_names)
+
+
 def state_features(prompt_tokens: int, steps: list[dict], ended: bool) -> list[float]:
     """Features of the state after the draft of step t = len(steps), in FEATURE_NAMES order.
 
     steps[-1] is the draft, steps[:-1] the accepted steps; each step is a dict with text,
     tokens, mean_logprob, min_logprob, mean_entropy, max_entropy, and prm_score where the
-    PRM scored it (0.0 where not: only policies trained --with-prm read it, on scored tables).
+    PRM scored it (0.0 where not: only policies trained --with-prm read it, on scored tables),
+    hidden_wrong where a probe read its hidden state (0.0 where not: only policies trained
+    --hidden-state read it).
     `ended` says the draft ended the small model's solution (on the table: t == n).
     """
     if not steps:
@@ -117,7 +143,8 @@ def state_features(prompt_tokens: int, steps: list[dict], ended: bool) -> list[f
             *map(float, prev),
             1.0 if "\\boxed" in draft["text"] else 0.0, 1.0 if ended else 0.0,
             float(draft.get("prm_score", 0.0)),
-            min((float(s.get("prm_score", 0.0)) for s in accepted), default=1.0)]
+            min((float(s.get("prm_score", 0.0)) for s in accepted), default=1.0),
+            float(draft.get("hidden_wrong", 0.0))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -129,11 +156,16 @@ class FeatureTable(Table):
     features: torch.Tensor = None   # [Q,T,F] float32, raw state_features of each drafted step
 
 
-def build_table(records: list[dict], pricing: Pricing, prm_price: float | None = None) -> FeatureTable:
+def build_table(records: list[dict], pricing: Pricing, prm_price: float | None = None,
+                hidden_wrong: dict | None = None) -> FeatureTable:
+    """`hidden_wrong`: {question id: [n_steps] the probe's logit at each step} (a policy
+    trained --hidden-state); else that feature is 0."""
     outcomes = outcome_table(records, pricing, prm_price)
     feats = torch.zeros(outcomes.Q, outcomes.T, len(FEATURE_NAMES), dtype=torch.float32)
     for i, rec in enumerate(records):
         steps, n = rec["small"]["steps"], len(rec["small"]["steps"])
+        if hidden_wrong is not None:
+            steps = [{**s, "hidden_wrong": float(v)} for s, v in zip(steps, hidden_wrong[rec["id"]])]
         if n:
             feats[i, :n] = torch.tensor([state_features(rec["small"]["prompt_tokens"], steps[:t],
                                                         ended=(t == n)) for t in range(1, n + 1)],
@@ -151,10 +183,49 @@ def prm_table(table: Table, what) -> Table:
     return with_prm_cost(table)
 
 
-def load_table(path, args) -> FeatureTable:
-    """read_table + pricing flags -> FeatureTable (what every table stage starts with)."""
+def load_table(path, args, policy=None) -> FeatureTable:
+    """read_table + pricing flags -> FeatureTable (what every table stage starts with). For a
+    `policy` that reads the hidden state, its probe's logits from the table's sidecar."""
     records, pricing = load_records(path, args)
-    return build_table(records, pricing, prm_price_from_args(args, pricing, records))
+    hidden = None
+    if policy is not None and policy.probe is not None:
+        states = probe.table_states(path, records, policy.probe_info["layer"])
+        hidden = {i: hidden_wrong_logits(policy.probe, steps) for i, (_, steps) in states.items()}
+    return build_table(records, pricing, prm_price_from_args(args, pricing, records), hidden)
+
+
+# ----------------------------------------------------------------------------------------
+# 2b. The hidden-state probe (--hidden-state): "the small model's own answer is wrong" from
+# its state at each drafted step; out of fold on the training questions.
+# ----------------------------------------------------------------------------------------
+PROBE_LABEL = "the small model's own answer is wrong"
+
+
+def hidden_wrong_logits(fitted: probe.Probe, steps: torch.Tensor) -> torch.Tensor:
+    """The feature draft_hidden_wrong of each state row [n, hidden] -> [n] float64."""
+    return probe.probe_logit(fitted.score(steps)) if len(steps) else torch.zeros(0, dtype=torch.float64)
+
+
+def fit_hidden_probe(records: list[dict], states: dict, folds: int = 5) -> tuple:
+    """(the probe fitted on every training step, its settings and out-of-fold AUC, {id: [n]
+    out-of-fold logits}): one row per drafted step, labelled by whether that question's small
+    answer is wrong; a question's rows share a fold."""
+    rows = [(r["id"], t) for r in records for t in range(len(r["small"]["steps"]))]
+    if not rows:
+        raise UsageError("--hidden-state: the training table has no small steps")
+    X = torch.cat([states[r["id"]][1] for r in records])
+    y = torch.tensor([0.0 if r["small"]["correct"] else 1.0 for r in records
+                      for _ in r["small"]["steps"]], dtype=torch.float64)
+    if y.min() == y.max():
+        raise UsageError("--hidden-state: the probe needs training questions the small model gets "
+                         "wrong and ones it gets right")
+    fitted, oof, info = probe.select_probe(X, y, [i for i, _ in rows], folds=folds)
+    logits, at = {}, 0
+    for r in records:
+        n = len(r["small"]["steps"])
+        logits[r["id"]] = probe.probe_logit(oof[at:at + n])
+        at += n
+    return fitted, {**info, "label": PROBE_LABEL, "rows": len(y)}, logits
 
 
 # ----------------------------------------------------------------------------------------
@@ -188,6 +259,10 @@ class Policy(nn.Module):
             width = h
         self.net = nn.Sequential(*layers, nn.Linear(width, 1))
         self.meta: dict = {}
+        # --hidden-state: the probe that turns the small model's state into draft_hidden_wrong,
+        # and what it reads ({"layer", "width", "label", "l2", "dim", ...})
+        self.probe: probe.Probe | None = None
+        self.probe_info: dict = {}
 
     def fit_normalisation(self, features: torch.Tensor, mask: torch.Tensor) -> None:
         x = features[..., self.columns][mask].double()
@@ -204,13 +279,19 @@ class Policy(nn.Module):
         return torch.sigmoid(self.logits(features).double())
 
 
+PROBE_FIELDS = ("mean", "std", "proj", "w", "b")
+
+
 def save_policy(path, policy: Policy, meta: dict) -> None:
     policy.meta = meta
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": POLICY_FORMAT, "feature_names": policy.feature_names,
-                "hidden": policy.hidden, "activation": policy.activation,
-                "state_dict": policy.state_dict(), "meta": meta}, path)
+    blob = {"format": POLICY_FORMAT, "feature_names": policy.feature_names,
+            "hidden": policy.hidden, "activation": policy.activation,
+            "state_dict": policy.state_dict(), "meta": meta}
+    if policy.probe is not None:
+        blob["probe"] = {**{k: getattr(policy.probe, k) for k in PROBE_FIELDS}, "info": policy.probe_info}
+    torch.save(blob, path)
 
 
 def load_policy(path) -> Policy:
@@ -239,6 +320,12 @@ def load_policy(path) -> Policy:
     except (KeyError, RuntimeError) as err:
         raise UsageError(f"{path}: weights do not fit the stored architecture ({str(err).splitlines()[0]})") from None
     policy.meta = blob.get("meta") or {}
+    if uses_hidden(policy):
+        try:
+            policy.probe = probe.Probe(**{k: blob["probe"][k] for k in PROBE_FIELDS})
+            policy.probe_info = dict(blob["probe"]["info"])
+        except (KeyError, TypeError):
+            raise UsageError(f"{path}: the policy reads the hidden state but carries no probe") from None
     return policy.eval()
 
 
@@ -382,8 +469,9 @@ def build_parser():
                         help="policy file to write; the log (.log.jsonl) and curve (.curve.png) go next to it")
     add_target_args(parser)
     g = parser.add_argument_group("training (defaults: TrainConfig)")
-    g.add_argument("--hidden", type=int, nargs="+", default=list(D.hidden), metavar="H",
-                   help=f"hidden widths of the MLP (default {' '.join(map(str, D.hidden))})")
+    g.add_argument("--hidden", type=int, nargs="*", default=list(D.hidden), metavar="H",
+                   help=f"hidden widths of the MLP; none (`--hidden` alone) for a linear policy "
+                        f"(default {' '.join(map(str, D.hidden))})")
     g.add_argument("--activation", choices=sorted(ACTIVATIONS), default=D.activation,
                    help=f"hidden activation (default {D.activation})")
     g.add_argument("--features", default=",".join(D.features), metavar="A,B,...",
@@ -393,6 +481,13 @@ def build_parser():
                    help=f"add the PRM's features ({', '.join(PRM_FEATURES)}) to --features: the "
                         f"table needs PRM scores (rollout.py --prm / --rescore), and the training "
                         f"cost includes the PRM's (policy+prm in evaluate.py --policy-prm)")
+    g.add_argument("--hidden-state", action="store_true",
+                   help=f"add the small model's hidden state ({', '.join(HIDDEN_FEATURES)}: a probe "
+                        f"fitted here, out of fold on the training questions, stored in the policy); "
+                        f"every table the policy meets needs its states beside it (TABLE.hidden.pt: "
+                        f"rollout.py --add-hidden TABLE), and route.py a local small model")
+    g.add_argument("--probe-folds", type=int, default=5,
+                   help="cross-fitting folds of the hidden-state probe (default 5)")
     g.add_argument("--iters", type=int, default=D.iters, help=f"training iterations (default {D.iters})")
     g.add_argument("--batch-size", type=int, default=D.batch_size,
                    help=f"questions per iteration (default {D.batch_size})")
@@ -433,6 +528,8 @@ def config_from_args(args) -> TrainConfig:
                          f"choose from {', '.join(FEATURE_NAMES)}")
     if getattr(args, "with_prm", False):
         features += [f for f in PRM_FEATURES if f not in features]
+    if getattr(args, "hidden_state", False):
+        features += [f for f in HIDDEN_FEATURES if f not in features]
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     return TrainConfig(**{**values, "hidden": tuple(args.hidden), "features": tuple(features)})
 
@@ -442,7 +539,19 @@ def main(argv=None):
     torch.set_num_threads(1)   # tiny tensors: extra threads only add overhead (and noise)
     config = config_from_args(args)
 
-    table = load_table(args.train, args)
+    records, pricing = load_records(args.train, args)
+    fitted = probe_info = hidden = None
+    if any(f in HIDDEN_FEATURES for f in config.features):   # the probe on the small model's state
+        check_range("--probe-folds", args.probe_folds, 2)
+        layer = probe.SIDECAR_LAYERS[0]
+        fitted, probe_info, hidden = fit_hidden_probe(records, probe.table_states(args.train, records, layer),
+                                                      args.probe_folds)
+        probe_info = {**probe_info, "layer": layer, "width": int(fitted.mean.numel()),
+                      "model": (table_pool(records)["small"]).get("model")}
+        print(f"hidden-state probe ({PROBE_LABEL}; {layer} layer, width {probe_info['width']}): L2 "
+              f"{probe_info['l2']:g}, PCA {probe_info['dim']}, out-of-fold AUC per step "
+              f"{probe_info['train_oof_auc']:.3f} on {plural(probe_info['rows'], 'step')}")
+    table = build_table(records, pricing, prm_price_from_args(args, pricing, records), hidden)
     if any(f in PRM_FEATURES for f in config.features):   # policy+prm: it pays for the PRM
         table = prm_table(table, args.train)
     target, target_spec = resolve_target(args, table)
@@ -458,6 +567,7 @@ def main(argv=None):
     start = time.perf_counter()
     policy, lam = train(table, target, config, log=history.append)
     seconds = time.perf_counter() - start
+    policy.probe, policy.probe_info = fitted, probe_info or {}
 
     with torch.no_grad():   # the trained stochastic policy on the whole training table
         p_esc, p_never = escalation_distribution(policy_probs(policy, table), table.mask)

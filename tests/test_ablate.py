@@ -235,7 +235,7 @@ def test_probe_scores_are_out_of_fold_on_train_and_fitted_on_train_elsewhere(tin
 
     Xtr, ytr, gtr = rows("train")
     aucs = {(l2, dim): probe.auc(probe.cross_fit(Xtr, ytr, gtr, folds=2, l2=l2, seed=0, dim=dim), ytr)
-            for l2, dim in ablate.PROBE_GRID if dim is None or dim < Xtr.shape[0]}
+            for l2, dim in probe.PROBE_GRID if dim is None or dim < Xtr.shape[0]}
     assert info["train_oof_auc"] == max(aucs.values())
     assert aucs[(info["l2"], info["dim"])] == info["train_oof_auc"]
     oof = probe.cross_fit(Xtr, ytr, gtr, folds=2, l2=info["l2"], seed=0, dim=info["dim"])

@@ -76,15 +76,15 @@ def test_file_round_trip_cache_reuse_and_extension(tiny_table, tmp_path, monkeyp
         raise AssertionError("computed again")
     stamp = out.stat().st_mtime_ns
     with monkeypatch.context() as m:  # up to date: nothing computed, nothing written
-        m.setattr(probe, "step_hidden_states", boom)
+        m.setattr(probe, "hidden_states", boom)
         again = probe.hidden_for_table(table, out=out)
     assert again["computed"] == 0 and out.stat().st_mtime_ns == stamp
     assert all(torch.equal(again["hidden"][i], first["hidden"][i]) for i in first["ids"])
 
     write_table(table, records[:6])  # the table grows by a line: only that question is computed
     calls = []
-    real = probe.step_hidden_states
-    monkeypatch.setattr(probe, "step_hidden_states",
+    real = probe.hidden_states
+    monkeypatch.setattr(probe, "hidden_states",
                         lambda lm, recs, *a: calls.append(len(recs)) or real(lm, recs, *a))
     grown = probe.hidden_for_table(table, out=out)
     assert calls == [1] and grown["computed"] == 1 and len(probe.load_hidden(out)["ids"]) == 6
