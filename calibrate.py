@@ -54,7 +54,7 @@ import torch
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from table import (Table, add_pricing_args, add_target_args, aggregate, check_overlap, first_crossing,
                    resolve_target, route_outcomes, sweep, target_of)
-from train_policy import load_policy, load_table, policy_probs, prm_table, uses_prm
+from train_policy import load_policy, load_table, policy_probs, policy_view, prm_table, uses_prm
 
 
 # ----------------------------------------------------------------------------------------
@@ -304,6 +304,7 @@ def main(argv=None):
     table = load_table(args.data, args, policy)   # with the hidden state, for a policy that reads it
     if uses_prm(policy):   # the policy consults the PRM at every step it scores: its cost too
         table = prm_table(table, args.data)
+    table = policy_view(table, policy)   # with the decision before the first draft, where it makes one
     check_overlap(table.hashes, args.data,
                   [(f"{args.policy} (its training questions)", policy.meta.get("question_hashes"))],
                   args.allow_overlap)

@@ -85,8 +85,8 @@ from cli import UsageError, check_range, make_parser, plural, run_cli
 from report import plot_escalation_steps, plot_tradeoff, write_markdown
 from table import (Table, add_pricing_args, aggregate, check_overlap, first_crossing, outcome_columns,
                    route_outcomes, target_of, with_prm_cost)
-from train_policy import (FEATURE_NAMES, escalation_distribution, load_policy, load_table, policy_probs,
-                          uses_hidden, uses_prm)
+from train_policy import (FEATURE_NAMES, decides_before_draft, escalation_distribution, load_policy, load_table,
+                          policy_probs, policy_view, table_routes, uses_hidden, uses_prm)
 
 # method -> (feature, sign): escalate at the first step with sign * stat >= sign * tau
 HANDCRAFTED = {"mean_logprob": ("draft_mean_logprob", -1), "min_logprob": ("draft_min_logprob", -1),
@@ -115,7 +115,10 @@ def has_prm_router(table: Table) -> bool:
 
 def scored_table(table: Table, name: str, policy=None) -> Table:
     """The table a router is scored on: with the PRM's cost for the routers that consult it
-    (prm, policy+prm, and a --policy trained --with-prm)."""
+    (prm, policy+prm, and a --policy trained --with-prm), and for a policy that decides before
+    the first draft, with that decision as column 0 (train_policy.policy_view)."""
+    if name == "policy" and policy is not None:
+        table = policy_view(table, policy)
     prm = name in PRM_METHODS or (name == "policy" and policy is not None and uses_prm(policy))
     return with_prm_cost(table) if prm else table
 
@@ -180,12 +183,12 @@ def score_methods(table: Table, policy=None, kappa=None, policy_prm=None) -> dic
         methods["policy+prm"] = (grid.tolist(), route_outcomes(with_prm_cost(table),
                                                                first_crossing(p, table.mask, grid)))
     if policy is not None:
-        p = policy_probs(policy, table)
-        grid = threshold_grid(p, table.mask, 101)
+        tab = scored_table(table, "policy", policy)
+        p = policy_probs(policy, tab)
+        grid = threshold_grid(p, tab.mask, 101)
         grid = torch.unique(torch.cat([grid, torch.tensor([0.0] + ([kappa] if kappa is not None else []),
                                                           dtype=torch.float64)]))
-        methods["policy"] = (grid.tolist(), route_outcomes(scored_table(table, "policy", policy),
-                                                           first_crossing(p, table.mask, grid)))
+        methods["policy"] = (grid.tolist(), route_outcomes(tab, first_crossing(p, tab.mask, grid)))
     return methods
 
 
@@ -226,8 +229,9 @@ def apply_knob(table: Table, name: str, knob, policy=None, scores=None) -> dict:
     if name == "random":
         return random_outcomes(table, [knob])
     kappa = torch.tensor([knob], dtype=torch.float64)
+    table = scored_table(table, name, policy)
     scores = method_scores(table, name, policy) if scores is None else scores
-    return route_outcomes(scored_table(table, name, policy), first_crossing(scores, table.mask, kappa))
+    return route_outcomes(table, first_crossing(scores, table.mask, kappa))
 
 
 def calibration_summary(r: dict) -> dict:
@@ -450,13 +454,15 @@ def main(argv=None):
         # The calibrated policy (kappa null: the large model alone) on the test questions.
         spec = cal["target_spec"]
         pc, out = calibrated_point(table, "policy", cal["kappa"], cal, spec, policy)
-        esc = first_crossing(policy_probs(policy, table), table.mask,
-                             torch.tensor([cal["kappa"]], dtype=torch.float64))[0] \
+        view = scored_table(table, "policy", policy)   # routes as the policy sees them, then as the table's
+        esc = table_routes(first_crossing(policy_probs(policy, view), view.mask,
+                                          torch.tensor([cal["kappa"]], dtype=torch.float64))[0], view) \
             if cal["kappa"] is not None else torch.full((table.Q,), table.T + 1)
+        whole = cal["kappa"] is None or decides_before_draft(policy)   # "large alone" is one of its routes
         pc = {"kappa": cal["kappa"], "fallback": cal.get("fallback"), **pc, "target_spec": spec,
               "delta": cal["delta"],
               "escalation_step_counts": torch.bincount(
-                  esc[table.n_steps > 0], minlength=table.T + 2)[: table.T + (1 if cal["kappa"] is not None else 2)].tolist()}
+                  esc[table.n_steps > 0], minlength=table.T + 2)[: table.T + (2 if whole else 1)].tolist()}
         outs = {"policy": out}
         if counts is not None:
             acc_b, cost_b = boot_scores(counts, table, out)
@@ -491,7 +497,8 @@ def main(argv=None):
     write_markdown(result, out_dir / "eval.md", LEVELS)
     plot_tradeoff(result, out_dir / "tradeoff.png")
     if cal is not None:
-        plot_escalation_steps(esc, table, out_dir / "escalation_steps.png", cal["kappa"], args.data)
+        plot_escalation_steps(esc, table, out_dir / "escalation_steps.png", cal["kappa"], args.data,
+                              before_draft=decides_before_draft(policy))
     print((out_dir / "eval.md").read_text(encoding="utf-8"))
     print(f"scored {plural(table.Q, 'question')}, {plural(sum(len(v) for v in result['methods'].values()), 'router point')}"
           f"{f', {args.bootstrap} bootstrap resamples' if counts is not None else ''} in {seconds:.1f}s; "

@@ -72,9 +72,11 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_escalation_steps(esc: torch.Tensor, table: Table, path: Path, kappa, data) -> None:
+def plot_escalation_steps(esc: torch.Tensor, table: Table, path: Path, kappa, data,
+                          before_draft: bool = False) -> None:
     """Where the calibrated policy escalates on the test table: questions (integer counts) per
-    step, never, and (kappa null) the large model alone."""
+    step, never, and (kappa null, or a policy that decides before the first draft) the large
+    model alone."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -83,7 +85,7 @@ def plot_escalation_steps(esc: torch.Tensor, table: Table, path: Path, kappa, da
     has_steps = table.n_steps > 0
     counts = [int(c) for c in torch.bincount(esc[has_steps], minlength=T + 2)[: T + 2].tolist()]
     labels = [str(t + 1) for t in range(T)] + ["never", "large alone"]
-    if kappa is not None:
+    if kappa is not None and not before_draft:
         counts, labels = counts[: T + 1], labels[: T + 1]
     fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * len(counts) + 2), 3.5))
     ax.bar(range(len(counts)), counts, color=["tab:green"] * T + ["tab:gray", "tab:red"][: len(counts) - T])

@@ -135,7 +135,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     trained --hidden-state reads the drafter's own hidden state at each draft's last token
     (the same forward pass, no extra model call) through its stored probe."""
     import torch
-    from train_policy import hidden_wrong_logits, state_features
+    from train_policy import before_draft_features, hidden_wrong_logits, state_features
 
     def need(m):
         return m.get() if isinstance(m, LazyLM) else m
@@ -144,15 +144,27 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     start = time.perf_counter()
     loads_before = sum(m.load_seconds for m in (small, large) if isinstance(m, LazyLM))
     large_only = escalate_at == 0 or (escalate_at is None and kappa is None)
-    steps, accepted, escalated_at, small_tokens, prm_read = [], [], None, 0, 0
+    steps, accepted, escalated_at, small_tokens, prm_read, p_before = [], [], None, 0, 0, None
+    reads_hidden = policy is not None and policy.probe is not None and not large_only
+    drafter = None
+    if reads_hidden:   # the drafter's prompt pass gives the question's state: no extra model call
+        drafter = need(small).drafter(question, max_new_tokens, hidden_layer=hidden_layer(policy, need(small)))
+    if reads_hidden and policy.question_probe is not None:
+        # ALGO LOGIC: the decision before the first draft (train_policy.py --before-draft)
+        question_wrong = float(hidden_wrong_logits(policy.question_probe, drafter.question_hidden[None])[0])
+        with torch.no_grad():
+            p_before = float(policy(torch.tensor([before_draft_features(question_wrong)], dtype=torch.float32))[0])
+        large_only = escalate_at is None and p_before >= kappa
+        display.note(f"before the first draft: p(escalate) {p_before:.3f}, kappa {kappa:.3f}"
+                     + (": the large model takes the question" if large_only else "") if kappa is not None
+                     else f"before the first draft: p(escalate) {p_before:.3f}")
     if large_only:
         escalated_at = 0
-        display.note("large model only" + (" (the calibration's fallback)" if escalate_at is None else ""))
+        display.note("large model only" + (" (the calibration's fallback)" if escalate_at is None and
+                                           p_before is None else ""))
     else:
         # ALGO LOGIC: draft a step, score its state, escalate at the first p >= kappa
-        reads_hidden = policy is not None and policy.probe is not None
-        drafter = need(small).drafter(question, max_new_tokens, **(
-            {"hidden_layer": hidden_layer(policy, need(small))} if reads_hidden else {}))
+        drafter = drafter or need(small).drafter(question, max_new_tokens)
         while (draft := drafter.next_step()) is not None:
             t = len(accepted) + 1
             small_tokens += draft["tokens"]
@@ -163,7 +175,8 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
                 texts = [s["text"] for s in accepted + [draft]]
                 draft = {**draft, "prm_score": score_steps(prm, question, texts)[-1]}
                 prm_read = prm_tokens(prm, question, texts)
-            feats = state_features(drafter.prompt_tokens, accepted + [draft], drafter.ended)
+            feats = state_features(drafter.prompt_tokens, accepted + [draft], drafter.ended,
+                                   question_wrong if p_before is not None else 0.0)
             with torch.no_grad():
                 p = float(policy(torch.tensor([feats], dtype=torch.float32))[0]) \
                     if policy is not None else None
@@ -210,6 +223,7 @@ def route(question: str, small, large, policy, kappa: float | None, max_new_toke
     where = ("large model only" if escalated_at == 0 else "small model only (never escalated)"
              if escalated_at is None else f"escalated at step {escalated_at}")
     return {"question": question, "steps": steps, "escalated_at": escalated_at, "route": where,
+            "p_before_draft": p_before,
             "kappa": kappa, "answer": extract_answer(solution), "solution": solution,
             "tokens": {"small": small_tokens, "large": large_tokens,
                        **({"prm_read": prm_read} if prm is not None else {})},

@@ -63,6 +63,7 @@ without steps and null answers: table.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -106,7 +107,13 @@ PRM_FEATURES = [
 HIDDEN_FEATURES = [
     "draft_hidden_wrong",      # logit P(the small model's answer is wrong | its state at the draft)
 ]
-FEATURE_NAMES = BASE_FEATURES + PRM_FEATURES + HIDDEN_FEATURES   # column order of the table's features
+# The decision before the first draft (--before-draft): from the question's own hidden state
+# (the prompt's last token), hand the question to the large model alone, nothing drafted.
+BEFORE_FEATURES = [
+    "question_hidden_wrong",   # logit P(the small model's answer is wrong | its state at the question)
+    "before_draft",            # 1.0 in the state before the first draft, 0.0 after a draft
+]
+FEATURE_NAMES = BASE_FEATURES + PRM_FEATURES + HIDDEN_FEATURES + BEFORE_FEATURES   # the table's columns
 
 
 def uses_prm(policy) -> bool:
@@ -115,11 +122,16 @@ def uses_prm(policy) -> bool:
 
 
 def uses_hidden(policy) -> bool:
-    """Does the policy read the small model's hidden state (through its stored probe)?"""
-    return any(f in HIDDEN_FEATURES for f in policy.feature_names)
+    """Does the policy read the small model's hidden state (through its stored probes)?"""
+    return any(f in HIDDEN_FEATURES + BEFORE_FEATURES for f in policy.feature_names)
 
 
-def state_features(prompt_tokens: int, steps: list[dict], ended: bool) -> list[float]:
+def decides_before_draft(policy) -> bool:
+    """Does the policy also decide before the first draft (hand the question to the large model)?"""
+    return "before_draft" in policy.feature_names
+
+
+def state_features(prompt_tokens: int, steps: list[dict], ended: bool, question_wrong: float = 0.0) -> list[float]:
     """Features of the state after the draft of step t = len(steps), in FEATURE_NAMES order.
 
     steps[-1] is the draft, steps[:-1] the accepted steps; each step is a dict with text,
@@ -144,7 +156,15 @@ def state_features(prompt_tokens: int, steps: list[dict], ended: bool) -> list[f
             1.0 if "\\boxed" in draft["text"] else 0.0, 1.0 if ended else 0.0,
             float(draft.get("prm_score", 0.0)),
             min((float(s.get("prm_score", 0.0)) for s in accepted), default=1.0),
-            float(draft.get("hidden_wrong", 0.0))]
+            float(draft.get("hidden_wrong", 0.0)), float(question_wrong), 0.0]
+
+
+def before_draft_features(question_wrong: float) -> list[float]:
+    """Features of the state before the first draft, in FEATURE_NAMES order: nothing drafted
+    (every step feature 0), the question probe's logit, before_draft = 1."""
+    x = [0.0] * len(FEATURE_NAMES)
+    x[FEATURE_NAMES.index("question_hidden_wrong")], x[FEATURE_NAMES.index("before_draft")] = question_wrong, 1.0
+    return x
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,23 +174,74 @@ def state_features(prompt_tokens: int, steps: list[dict], ended: bool) -> list[f
 @dataclass
 class FeatureTable(Table):
     features: torch.Tensor = None   # [Q,T,F] float32, raw state_features of each drafted step
+    question_wrong: torch.Tensor | None = None   # [Q] the question probe's logit (--before-draft)
+    question_cost: torch.Tensor | None = None    # [Q] the small model reading the question (its prompt)
+    before_draft: bool = False      # column 0 is the decision before the first draft (with_before_draft)
 
 
 def build_table(records: list[dict], pricing: Pricing, prm_price: float | None = None,
-                hidden_wrong: dict | None = None) -> FeatureTable:
+                hidden_wrong: dict | None = None, question_wrong: dict | None = None) -> FeatureTable:
     """`hidden_wrong`: {question id: [n_steps] the probe's logit at each step} (a policy
-    trained --hidden-state); else that feature is 0."""
+    trained --hidden-state), `question_wrong`: {question id: the question probe's logit}
+    (--before-draft); else those features are 0."""
     outcomes = outcome_table(records, pricing, prm_price)
     feats = torch.zeros(outcomes.Q, outcomes.T, len(FEATURE_NAMES), dtype=torch.float32)
+    qw = torch.tensor([float(question_wrong[r["id"]]) if question_wrong else 0.0 for r in records],
+                      dtype=torch.float32)
     for i, rec in enumerate(records):
         steps, n = rec["small"]["steps"], len(rec["small"]["steps"])
         if hidden_wrong is not None:
             steps = [{**s, "hidden_wrong": float(v)} for s, v in zip(steps, hidden_wrong[rec["id"]])]
         if n:
             feats[i, :n] = torch.tensor([state_features(rec["small"]["prompt_tokens"], steps[:t],
-                                                        ended=(t == n)) for t in range(1, n + 1)],
-                                        dtype=torch.float32)
-    return FeatureTable(**vars(outcomes), features=feats)
+                                                        ended=(t == n), question_wrong=float(qw[i]))
+                                         for t in range(1, n + 1)], dtype=torch.float32)
+    question_cost = torch.tensor([pricing.small_in * r["small"]["prompt_tokens"] if r["small"]["steps"] else 0.0
+                                  for r in records], dtype=torch.float64)
+    return FeatureTable(**vars(outcomes), features=feats,
+                        question_wrong=qw if question_wrong is not None else None, question_cost=question_cost)
+
+
+def with_before_draft(table: FeatureTable) -> FeatureTable:
+    """The table as a policy that also decides before the first draft sees it: a column 0
+    prepended whose "escalation" is the large model alone (nothing drafted; the small model
+    has read the question for its state, which --prompt-cost charges), whose state is
+    before_draft_features(); column t is then the draft of step t. Every first-crossing router,
+    the exact expectation and REINFORCE work on it unchanged: a threshold kappa now also hands
+    the question to the large model at once where p(before the draft) >= kappa."""
+    if table.before_draft:
+        return table
+    if table.question_wrong is None:
+        raise UsageError("a policy that decides before the first draft needs the question probe's "
+                         "logits on the table (load_table with the policy)")
+    cols, Q, large = outcome_columns(table), table.Q, table.T + 1
+    first = {k: cols[k][:, large:large + 1] for k in ("correct", "cost", "small_tokens", "large_tokens")}
+    x0 = torch.tensor(before_draft_features(0.0), dtype=torch.float32).expand(Q, 1, -1).clone()
+    x0[:, 0, FEATURE_NAMES.index("question_hidden_wrong")] = table.question_wrong
+    pad = lambda v: None if v is None else torch.cat([torch.zeros(Q, 1, dtype=v.dtype), v], 1)   # noqa: E731
+    return dataclasses.replace(
+        table, mask=torch.cat([torch.ones(Q, 1, dtype=torch.bool), table.mask], 1), n_steps=table.n_steps + 1,
+        esc_correct=torch.cat([first["correct"], table.esc_correct], 1),
+        esc_cost=torch.cat([first["cost"] + table.question_cost[:, None], table.esc_cost], 1),
+        esc_small_tokens=torch.cat([first["small_tokens"], table.esc_small_tokens], 1),
+        esc_large_tokens=torch.cat([first["large_tokens"], table.esc_large_tokens], 1),
+        features=torch.cat([x0, table.features], 1), prm_score=pad(table.prm_score),
+        prm_tokens=pad(table.prm_tokens), before_draft=True)
+
+
+def policy_view(table: FeatureTable, policy) -> FeatureTable:
+    """The table a policy is scored on: with the decision before the first draft where the
+    policy makes one (with_before_draft), else the table itself."""
+    return with_before_draft(table) if decides_before_draft(policy) else table
+
+
+def table_routes(esc: torch.Tensor, table: FeatureTable) -> torch.Tensor:
+    """Routes on a with_before_draft() view -> routes on the table itself (table.route_outcomes'
+    convention: 0..T-1 escalate at step t+1, T never, T+1 the large model alone)."""
+    if not table.before_draft:
+        return esc
+    T = table.T - 1
+    return torch.where(esc == 0, T + 1, torch.where(esc >= table.T, T, esc - 1))
 
 
 def prm_table(table: Table, what) -> Table:
@@ -185,13 +256,16 @@ def prm_table(table: Table, what) -> Table:
 
 def load_table(path, args, policy=None) -> FeatureTable:
     """read_table + pricing flags -> FeatureTable (what every table stage starts with). For a
-    `policy` that reads the hidden state, its probe's logits from the table's sidecar."""
+    `policy` that reads the hidden state, its probes' logits from the table's sidecar."""
     records, pricing = load_records(path, args)
-    hidden = None
-    if policy is not None and policy.probe is not None:
+    hidden = question = None
+    if policy is not None and uses_hidden(policy):
         states = probe.table_states(path, records, policy.probe_info["layer"])
         hidden = {i: hidden_wrong_logits(policy.probe, steps) for i, (_, steps) in states.items()}
-    return build_table(records, pricing, prm_price_from_args(args, pricing, records), hidden)
+        if policy.question_probe is not None:
+            question = {i: float(hidden_wrong_logits(policy.question_probe, q[None])[0])
+                        for i, (q, _) in states.items()}
+    return build_table(records, pricing, prm_price_from_args(args, pricing, records), hidden, question)
 
 
 # ----------------------------------------------------------------------------------------
@@ -206,25 +280,27 @@ def hidden_wrong_logits(fitted: probe.Probe, steps: torch.Tensor) -> torch.Tenso
     return probe.probe_logit(fitted.score(steps)) if len(steps) else torch.zeros(0, dtype=torch.float64)
 
 
-def fit_hidden_probe(records: list[dict], states: dict, folds: int = 5) -> tuple:
+def fit_hidden_probe(records: list[dict], states: dict, folds: int = 5, question: bool = False) -> tuple:
     """(the probe fitted on every training step, its settings and out-of-fold AUC, {id: [n]
     out-of-fold logits}): one row per drafted step, labelled by whether that question's small
-    answer is wrong; a question's rows share a fold."""
-    rows = [(r["id"], t) for r in records for t in range(len(r["small"]["steps"]))]
+    answer is wrong; a question's rows share a fold. `question`: one row per question instead,
+    its state before any draft (the question probe of --before-draft; {id: [1] logit})."""
+    at = (lambda r: [0]) if question else (lambda r: range(len(r["small"]["steps"])))
+    rows = [(r["id"], t) for r in records for t in at(r)]
     if not rows:
         raise UsageError("--hidden-state: the training table has no small steps")
-    X = torch.cat([states[r["id"]][1] for r in records])
-    y = torch.tensor([0.0 if r["small"]["correct"] else 1.0 for r in records
-                      for _ in r["small"]["steps"]], dtype=torch.float64)
+    X = torch.cat([states[r["id"]][0][None] if question else states[r["id"]][1] for r in records])
+    y = torch.tensor([0.0 if r["small"]["correct"] else 1.0 for r in records for _ in at(r)],
+                     dtype=torch.float64)
     if y.min() == y.max():
         raise UsageError("--hidden-state: the probe needs training questions the small model gets "
                          "wrong and ones it gets right")
     fitted, oof, info = probe.select_probe(X, y, [i for i, _ in rows], folds=folds)
-    logits, at = {}, 0
+    logits, i = {}, 0
     for r in records:
-        n = len(r["small"]["steps"])
-        logits[r["id"]] = probe.probe_logit(oof[at:at + n])
-        at += n
+        n = len(at(r))
+        logits[r["id"]] = probe.probe_logit(oof[i:i + n])
+        i += n
     return fitted, {**info, "label": PROBE_LABEL, "rows": len(y)}, logits
 
 
@@ -263,6 +339,8 @@ class Policy(nn.Module):
         # and what it reads ({"layer", "width", "label", "l2", "dim", ...})
         self.probe: probe.Probe | None = None
         self.probe_info: dict = {}
+        self.question_probe: probe.Probe | None = None   # --before-draft: the same, on the question's state
+        self.question_probe_info: dict = {}
 
     def fit_normalisation(self, features: torch.Tensor, mask: torch.Tensor) -> None:
         x = features[..., self.columns][mask].double()
@@ -289,8 +367,10 @@ def save_policy(path, policy: Policy, meta: dict) -> None:
     blob = {"format": POLICY_FORMAT, "feature_names": policy.feature_names,
             "hidden": policy.hidden, "activation": policy.activation,
             "state_dict": policy.state_dict(), "meta": meta}
-    if policy.probe is not None:
-        blob["probe"] = {**{k: getattr(policy.probe, k) for k in PROBE_FIELDS}, "info": policy.probe_info}
+    for key, fitted, info in (("probe", policy.probe, policy.probe_info),
+                              ("question_probe", policy.question_probe, policy.question_probe_info)):
+        if fitted is not None:
+            blob[key] = {**{k: getattr(fitted, k) for k in PROBE_FIELDS}, "info": info}
     torch.save(blob, path)
 
 
@@ -320,12 +400,13 @@ def load_policy(path) -> Policy:
     except (KeyError, RuntimeError) as err:
         raise UsageError(f"{path}: weights do not fit the stored architecture ({str(err).splitlines()[0]})") from None
     policy.meta = blob.get("meta") or {}
-    if uses_hidden(policy):
+    needs = (["probe"] if uses_hidden(policy) else []) + (["question_probe"] if decides_before_draft(policy) else [])
+    for key in needs:
         try:
-            policy.probe = probe.Probe(**{k: blob["probe"][k] for k in PROBE_FIELDS})
-            policy.probe_info = dict(blob["probe"]["info"])
+            setattr(policy, key, probe.Probe(**{k: blob[key][k] for k in PROBE_FIELDS}))
+            setattr(policy, f"{key}_info", dict(blob[key]["info"]))
         except (KeyError, TypeError):
-            raise UsageError(f"{path}: the policy reads the hidden state but carries no probe") from None
+            raise UsageError(f"{path}: the policy reads the hidden state but carries no {key}") from None
     return policy.eval()
 
 
@@ -486,6 +567,10 @@ def build_parser():
                         f"fitted here, out of fold on the training questions, stored in the policy); "
                         f"every table the policy meets needs its states beside it (TABLE.hidden.pt: "
                         f"rollout.py --add-hidden TABLE), and route.py a local small model")
+    g.add_argument("--before-draft", action="store_true",
+                   help=f"with --hidden-state: also decide before the first draft, from the question's "
+                        f"own state ({', '.join(BEFORE_FEATURES)}: a second probe, on the prompt's last "
+                        f"token), whether the large model takes the question alone (nothing drafted)")
     g.add_argument("--probe-folds", type=int, default=5,
                    help="cross-fitting folds of the hidden-state probe (default 5)")
     g.add_argument("--iters", type=int, default=D.iters, help=f"training iterations (default {D.iters})")
@@ -528,8 +613,12 @@ def config_from_args(args) -> TrainConfig:
                          f"choose from {', '.join(FEATURE_NAMES)}")
     if getattr(args, "with_prm", False):
         features += [f for f in PRM_FEATURES if f not in features]
+    if getattr(args, "before_draft", False) and not getattr(args, "hidden_state", False):
+        raise UsageError("--before-draft decides from the question's hidden state: it needs --hidden-state")
     if getattr(args, "hidden_state", False):
         features += [f for f in HIDDEN_FEATURES if f not in features]
+    if getattr(args, "before_draft", False):
+        features += [f for f in BEFORE_FEATURES if f not in features]
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     return TrainConfig(**{**values, "hidden": tuple(args.hidden), "features": tuple(features)})
 
@@ -540,20 +629,24 @@ def main(argv=None):
     config = config_from_args(args)
 
     records, pricing = load_records(args.train, args)
-    fitted = probe_info = hidden = None
-    if any(f in HIDDEN_FEATURES for f in config.features):   # the probe on the small model's state
+    probes, logits = {}, {}   # "step" / "question": (probe, its info); out-of-fold logits
+    if any(f in HIDDEN_FEATURES for f in config.features):   # the probes on the small model's state
         check_range("--probe-folds", args.probe_folds, 2)
         layer = probe.SIDECAR_LAYERS[0]
-        fitted, probe_info, hidden = fit_hidden_probe(records, probe.table_states(args.train, records, layer),
-                                                      args.probe_folds)
-        probe_info = {**probe_info, "layer": layer, "width": int(fitted.mean.numel()),
-                      "model": (table_pool(records)["small"]).get("model")}
-        print(f"hidden-state probe ({PROBE_LABEL}; {layer} layer, width {probe_info['width']}): L2 "
-              f"{probe_info['l2']:g}, PCA {probe_info['dim']}, out-of-fold AUC per step "
-              f"{probe_info['train_oof_auc']:.3f} on {plural(probe_info['rows'], 'step')}")
-    table = build_table(records, pricing, prm_price_from_args(args, pricing, records), hidden)
+        states = probe.table_states(args.train, records, layer)
+        for kind in ["step"] + (["question"] if args.before_draft else []):
+            fitted, info, logits[kind] = fit_hidden_probe(records, states, args.probe_folds, kind == "question")
+            probes[kind] = (fitted, {**info, "layer": layer, "width": int(fitted.mean.numel()),
+                                     "model": table_pool(records)["small"].get("model")})
+            print(f"hidden-state probe at each {'question' if kind == 'question' else 'drafted step'} "
+                  f"({PROBE_LABEL}; {layer} layer, width {probes[kind][1]['width']}): L2 {info['l2']:g}, PCA "
+                  f"{info['dim']}, out-of-fold AUC {info['train_oof_auc']:.3f} on {plural(info['rows'], 'row')}")
+    question = {i: float(v[0]) for i, v in logits["question"].items()} if "question" in logits else None
+    table = build_table(records, pricing, prm_price_from_args(args, pricing, records), logits.get("step"), question)
     if any(f in PRM_FEATURES for f in config.features):   # policy+prm: it pays for the PRM
         table = prm_table(table, args.train)
+    if question is not None:   # the decision before the first draft is column 0
+        table = with_before_draft(table)
     target, target_spec = resolve_target(args, table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -567,7 +660,8 @@ def main(argv=None):
     start = time.perf_counter()
     policy, lam = train(table, target, config, log=history.append)
     seconds = time.perf_counter() - start
-    policy.probe, policy.probe_info = fitted, probe_info or {}
+    policy.probe, policy.probe_info = probes.get("step", (None, {}))
+    policy.question_probe, policy.question_probe_info = probes.get("question", (None, {}))
 
     with torch.no_grad():   # the trained stochastic policy on the whole training table
         p_esc, p_never = escalation_distribution(policy_probs(policy, table), table.mask)

@@ -186,3 +186,95 @@ def test_route_reads_the_drafters_state(hidden_policy, with_states, tiny_table, 
          "question"], capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert served.returncode == 2 and "hidden state" in served.stderr
     assert len(served.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- before the first draft
+def test_before_draft_column_is_the_large_model_alone():
+    """with_before_draft(): column 0 is the large model alone (the small model's read of the
+    question charged with --prompt-cost), the rest are the steps; routes map back; the exact
+    expectation puts p0 on the large model alone."""
+    from types import SimpleNamespace
+    import table as tb
+    from synthetic import make_records, record, step
+    records = make_records(12, seed=3) + [record("empty", [], [], small_correct=True)]
+    args = SimpleNamespace(prompt_cost=0.5, price_small=None, price_large=None)
+    pricing = tb.pricing_from_args(args, records)
+    qw = {r["id"]: float(i) - 6.0 for i, r in enumerate(records)}
+    base = tp.build_table(records, pricing, question_wrong=qw)
+    view = tp.with_before_draft(base)
+    assert view.T == base.T + 1 and view.mask[:, 0].all() and torch.equal(view.mask[:, 1:], base.mask)
+    assert torch.equal(view.esc_correct[:, 0], base.large_correct)
+    prompts = torch.tensor([r["small"]["prompt_tokens"] if r["small"]["steps"] else 0 for r in records],
+                           dtype=torch.float64)
+    assert torch.allclose(view.esc_cost[:, 0], base.large_cost + pricing.small_in * prompts)
+    col = tp.FEATURE_NAMES.index
+    assert torch.equal(view.features[:, 0, col("question_hidden_wrong")], base.question_wrong)
+    assert view.features[:, 0, col("before_draft")].eq(1).all() and view.features[:, 1:, col("before_draft")].eq(0).all()
+    assert torch.equal(view.features[:, 1:][base.mask][:, col("question_hidden_wrong")],
+                       base.question_wrong[:, None].expand(-1, base.T)[base.mask])
+    # a router that fires before the draft on the first half and never on the rest
+    scores = torch.zeros(view.Q, view.T, dtype=torch.float64)
+    scores[: view.Q // 2, 0] = 1.0
+    esc = tb.first_crossing(scores, view.mask, torch.tensor([0.5]))
+    out = tb.route_outcomes(view, esc)
+    back = tp.table_routes(esc, view)
+    assert back[0, : view.Q // 2].eq(base.T + 1).all() and back[0, view.Q // 2:].eq(base.T).all()
+    plain = tb.route_outcomes(base, back)
+    assert torch.equal(out["correct"], plain["correct"])
+    assert torch.allclose(out["cost"][0, : view.Q // 2], plain["cost"][0, : view.Q // 2] +
+                          pricing.small_in * prompts[: view.Q // 2])
+    p = torch.full((view.Q, view.T), 0.3, dtype=torch.float64)
+    p_esc, p_never = tp.escalation_distribution(p, view.mask)
+    assert torch.allclose(p_esc[:, 0], torch.full((view.Q,), 0.3, dtype=torch.float64))
+    assert tp.with_before_draft(view) is view
+    with pytest.raises(UsageError, match="question probe"):
+        tp.with_before_draft(tp.build_table(records, pricing))
+
+
+@pytest.fixture(scope="module")
+def before_policy(with_states, tmp_path_factory):
+    d = tmp_path_factory.mktemp("before-policy")
+    policy = d / "policy.pt"
+    tp.main(["--train", str(with_states), "--target-relative", "0.9", "--out", str(policy),
+             "--hidden-state", "--before-draft", "--iters", "60", "--probe-folds", "2", *PRICES])
+    return policy
+
+
+def test_before_draft_policy_through_the_stages(before_policy, with_states, tiny_table, tiny_pool, tmp_path):
+    policy = tp.load_policy(before_policy)
+    assert tp.decides_before_draft(policy) and policy.question_probe is not None
+    assert policy.question_probe_info["rows"] == len(tiny_table["records"])
+    cal = tmp_path / "cal.json"
+    calibrate.main(["--policy", str(before_policy), "--data", str(with_states), "--target-relative", "0.9",
+                    "--out", str(cal), "--allow-overlap", *PRICES])
+    import evaluate
+    evaluate.main(["--data", str(with_states), "--policy", str(before_policy), "--calibration", str(cal),
+                   "--calib-data", str(with_states), "--out", str(tmp_path / "eval"), "--allow-overlap",
+                   "--bootstrap", "50", *PRICES])
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    args = calibrate.build_parser().parse_args(["--policy", str(before_policy), "--data", str(with_states),
+                                                "--target-relative", "0.9", "--out", "x", *PRICES])
+    view = tp.policy_view(tp.load_table(with_states, args, policy), policy)
+    p = tp.policy_probs(policy, view)
+    kappa = json.loads(cal.read_text())["kappa"]
+    if kappa is not None:   # the calibrated point is the threshold rule on the view, mapped back
+        import table as tb
+        esc = tp.table_routes(tb.first_crossing(p, view.mask, torch.tensor([kappa]))[0], view)
+        counts = torch.bincount(esc[view.n_steps > 1], minlength=view.T + 1)[: view.T + 1].tolist()
+        assert result["policy_calibrated"]["escalation_step_counts"] == counts
+    # live: the decision before the first draft reads the prompt pass's state, as the table does
+    r = tiny_table["records"][0]
+    p0 = float(p[0, 0])
+    for k, want in ((p0 - 1e-3, "large model only"), (min(1.0, p0 + 1e-3), None)):
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "route.py"), "--policy", str(before_policy), "--kappa", str(max(k, 0.0)),
+             "--small", str(tiny_pool["small"]), "--large", str(tiny_pool["large"]), "--dtype", "float32",
+             "--max-new-tokens", "96", "--json", r["question"]],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 0, out.stderr
+        run = json.loads(out.stdout.strip().splitlines()[-1])
+        assert run["p_before_draft"] == pytest.approx(p0, abs=5e-4)
+        if want:
+            assert run["route"] == want and run["tokens"]["small"] == 0 and run["escalated_at"] == 0
+        else:
+            assert run["tokens"]["small"] > 0
