@@ -306,7 +306,8 @@ def main(argv=None):
         table = prm_table(table, args.data)
     table = policy_view(table, policy)   # with the decision before the first draft, where it makes one
     check_overlap(table.hashes, args.data,
-                  [(f"{args.policy} (its training questions)", policy.meta.get("question_hashes"))],
+                  [(f"{args.policy} (its training questions)", policy.meta.get("question_hashes")),
+                   (f"{args.policy} (its probe data)", policy.meta.get("probe_data_hashes"))],
                   args.allow_overlap)
     warn_pool(policy, table, args.data)
     target, target_spec = resolve_target(args, table)

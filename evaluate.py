@@ -407,11 +407,12 @@ def main(argv=None):
     table = load_table(args.data, args, policy)   # with the hidden state, for a policy that reads it
     calib = load_table(args.calib_data, args, policy) if args.calib_data else None
     earlier = [(f"{args.policy} (its training questions)", policy.meta.get("question_hashes") if policy else None),
+               (f"{args.policy} (its probe data)", policy.meta.get("probe_data_hashes") if policy else None),
                (f"{args.calibration} (its calibration questions)", cal.get("question_hashes") if cal else None),
                (f"{args.calib_data}", calib.hashes if calib else None)]
     check_overlap(table.hashes, args.data, earlier, args.allow_overlap)
     if calib is not None:
-        check_overlap(calib.hashes, args.calib_data, earlier[:1], args.allow_overlap)
+        check_overlap(calib.hashes, args.calib_data, earlier[:2], args.allow_overlap)
     if policy is not None:
         warn_pool(policy, table, args.data)
         if uses_prm(policy) and not has_prm_router(table):

@@ -185,14 +185,15 @@ def small_model_of(records: list, table_path) -> str:
 
 
 def hidden_for_table(table_path, model: str | None = None, out=None, dtype: str = "float32",
-                     layers=("mid", "last"), batch_size: int = 8, device: str = "cpu") -> dict:
+                     layers=("mid", "last"), batch_size: int = 8, device: str = "cpu",
+                     small_only: bool = False) -> dict:
     """The hidden states of every question of a table, as load_hidden() gives them (ids in
     table order), from the cache file `out` where it is up to date, else computed (only the
     questions it lacks; the model is loaded only then) and written back."""
     from engine import load_lm
     from rollout import SYSTEM_PROMPT
     from table import read_table
-    records = read_table(table_path)
+    records = read_table(table_path, small_only)   # small_only: probe data (no escalations)
     model = model or small_model_of(records, table_path)
     out = Path(out) if out else default_out(table_path)
     meta = {"model": model, "layers": list(layers), "dtype": dtype, "prompt": SYSTEM_PROMPT,
@@ -302,35 +303,45 @@ def group_folds(groups: list, folds: int = 5, seed: int = 0) -> torch.Tensor:
 
 
 def cross_fit(X, y, groups: list, folds: int = 5, l2: float = 1.0, seed: int = 0,
-              dim: int | None = None) -> torch.Tensor:
+              dim: int | None = None, extra=None) -> torch.Tensor:
     """Out-of-fold P(y = 1) per row: each fold scored by a probe fitted (standardisation and
-    PCA included) on the other folds only. A training part with one class scores its rate."""
+    PCA included) on the other folds only, plus `extra` = (X, y) rows that are never scored
+    (probe data of other questions: in every fitting part). A fitting part with one class
+    scores its rate."""
     X = torch.as_tensor(X, dtype=torch.float64)
     y = torch.as_tensor(y, dtype=torch.float64)
+    Xe, ye = (torch.as_tensor(v, dtype=torch.float64) for v in extra) if extra is not None else \
+        (X[:0], y[:0])
     fold = group_folds(groups, folds, seed)
     p = torch.empty(len(y), dtype=torch.float64)
     for k in fold.unique().tolist():
         train, test = fold != k, fold == k
-        if y[train].min() == y[train].max():
-            p[test] = y[train].mean()
+        Xt, yt = torch.cat([X[train], Xe]), torch.cat([y[train], ye])
+        if yt.min() == yt.max():
+            p[test] = yt.mean()
         else:
-            p[test] = fit_probe(X[train], y[train], l2, dim).score(X[test])
+            p[test] = fit_probe(Xt, yt, l2, dim).score(X[test])
     return p
 
 
 PROBE_GRID = [(l2, dim) for dim in (8, 32, None) for l2 in (1.0, 10.0, 100.0)]
 
 
-def select_probe(X, y, groups: list, folds: int = 5, grid=PROBE_GRID) -> tuple:
+def select_probe(X, y, groups: list, folds: int = 5, grid=PROBE_GRID, extra=None) -> tuple:
     """(probe fitted on all rows, out-of-fold P(y = 1) per row, {"l2", "dim", "train_oof_auc"}):
     the L2 penalty and PCA dimension of `grid` with the best out-of-fold AUC on these rows
-    (a question's rows in one fold; ties: the first in grid order)."""
+    (a question's rows in one fold; ties: the first in grid order). `extra` = (X, y): probe-data
+    rows of other questions, in every fit and never scored (cross_fit)."""
     fits = {}
+    n_fit = len(y) + (len(extra[1]) if extra is not None else 0)
     for l2, dim in grid:
-        if dim is None or dim < len(y):
-            oof = cross_fit(X, y, groups, folds=folds, l2=l2, seed=0, dim=dim)
+        if dim is None or dim < n_fit:
+            oof = cross_fit(X, y, groups, folds=folds, l2=l2, seed=0, dim=dim, extra=extra)
             fits[(l2, dim)] = (auc(oof, y), oof)
     (l2, dim), (train_auc, oof) = max(fits.items(), key=lambda kv: kv[1][0])
+    if extra is not None:
+        X, y = torch.cat([torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(extra[0], dtype=torch.float64)]), \
+            torch.cat([torch.as_tensor(y, dtype=torch.float64), torch.as_tensor(extra[1], dtype=torch.float64)])
     return fit_probe(X, y, l2=l2, dim=dim), oof, {"l2": l2, "dim": dim, "train_oof_auc": train_auc}
 
 

@@ -48,16 +48,17 @@ OUTCOME_KEYS = ("answer", "correct", "finished")
 ESCALATION_KEYS = ("after", "prompt_tokens", "tokens", "text") + OUTCOME_KEYS
 
 
-def validate_record(rec, where: str) -> dict:
-    """Check one table line against schema 1; raise UsageError naming `where` if it is off."""
+def validate_record(rec, where: str, small_only: bool = False) -> dict:
+    """Check one table line against schema 1; raise UsageError naming `where` if it is off.
+    `small_only`: a line of probe data (the small model's solution alone, no escalations)."""
     if not isinstance(rec, dict):
         raise UsageError(f"{where}: expected a JSON object")
-    if "schema" not in rec and "question" in rec and "escalations" not in rec:
+    if "schema" not in rec and "question" in rec and "escalations" not in rec and not small_only:
         raise UsageError(f"{where}: this looks like a question file, not a trajectory table "
                          "(make a table from it with rollout.py --dataset FILE)")
     if rec.get("schema") != SCHEMA:
         raise UsageError(f"{where}: schema {rec.get('schema')!r}, this code reads schema {SCHEMA}")
-    for key in ("id", "question", "gold", "pool", "small", "escalations"):
+    for key in ("id", "question", "gold", "pool", "small") + (() if small_only else ("escalations",)):
         if key not in rec:
             raise UsageError(f"{where}: missing key {key!r}")
     small = rec["small"]
@@ -70,6 +71,8 @@ def validate_record(rec, where: str) -> dict:
         missing = [k for k in STEP_KEYS if k not in step]
         if missing:
             raise UsageError(f"{where}: small.steps[{i}] lacks {', '.join(missing)}")
+    if small_only:
+        return rec
     n = len(small["steps"])
     escs = rec["escalations"]
     if not isinstance(escs, list) or len(escs) != n:
@@ -84,8 +87,9 @@ def validate_record(rec, where: str) -> dict:
     return rec
 
 
-def read_table(path) -> list[dict]:
-    """Read a schema-1 trajectory table (JSONL, or .jsonl.gz). Clear one-line errors on any bad line."""
+def read_table(path, small_only: bool = False) -> list[dict]:
+    """Read a schema-1 trajectory table (JSONL, or .jsonl.gz). Clear one-line errors on any bad
+    line. `small_only`: probe data, whose lines need no escalations (validate_record)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
@@ -100,7 +104,7 @@ def read_table(path) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
-            validate_record(rec, where)
+            validate_record(rec, where, small_only)
             if rec["id"] in seen:
                 raise UsageError(f"{where}: duplicate id {rec['id']!r}")
             seen.add(rec["id"])

@@ -77,7 +77,8 @@ import torch.nn.functional as F
 import probe
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from table import (Pricing, Table, add_pricing_args, add_target_args, load_records, outcome_columns,
-                   outcome_table, prm_price_from_args, resolve_target, table_pool, with_prm_cost)
+                   outcome_table, prm_price_from_args, question_hash, read_table, resolve_target, table_pool,
+                   with_prm_cost)
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,28 +281,57 @@ def hidden_wrong_logits(fitted: probe.Probe, steps: torch.Tensor) -> torch.Tenso
     return probe.probe_logit(fitted.score(steps)) if len(steps) else torch.zeros(0, dtype=torch.float64)
 
 
-def fit_hidden_probe(records: list[dict], states: dict, folds: int = 5, question: bool = False) -> tuple:
+def probe_rows(records: list[dict], states: dict, question: bool = False) -> tuple:
+    """(X, y): one row per drafted step (or per question, its state before any draft), labelled
+    1.0 where that question's small answer is wrong."""
+    at = (lambda r: [0]) if question else (lambda r: range(len(r["small"]["steps"])))
+    X = torch.cat([states[r["id"]][0][None] if question else states[r["id"]][1] for r in records])
+    y = torch.tensor([0.0 if r["small"]["correct"] else 1.0 for r in records for _ in at(r)],
+                     dtype=torch.float64)
+    return X, y
+
+
+def fit_hidden_probe(records: list[dict], states: dict, folds: int = 5, question: bool = False,
+                     extra=None) -> tuple:
     """(the probe fitted on every training step, its settings and out-of-fold AUC, {id: [n]
     out-of-fold logits}): one row per drafted step, labelled by whether that question's small
     answer is wrong; a question's rows share a fold. `question`: one row per question instead,
-    its state before any draft (the question probe of --before-draft; {id: [1] logit})."""
+    its state before any draft (the question probe of --before-draft; {id: [1] logit}).
+    `extra` = (X, y) from probe_rows() of probe data (--probe-data: other questions' small-only
+    solutions): in every fit, never scored, so the training table's features stay out of fold."""
     at = (lambda r: [0]) if question else (lambda r: range(len(r["small"]["steps"])))
     rows = [(r["id"], t) for r in records for t in at(r)]
     if not rows:
         raise UsageError("--hidden-state: the training table has no small steps")
-    X = torch.cat([states[r["id"]][0][None] if question else states[r["id"]][1] for r in records])
-    y = torch.tensor([0.0 if r["small"]["correct"] else 1.0 for r in records for _ in at(r)],
-                     dtype=torch.float64)
-    if y.min() == y.max():
+    X, y = probe_rows(records, states, question)
+    both = y if extra is None else torch.cat([y, extra[1]])
+    if both.min() == both.max():
         raise UsageError("--hidden-state: the probe needs training questions the small model gets "
                          "wrong and ones it gets right")
-    fitted, oof, info = probe.select_probe(X, y, [i for i, _ in rows], folds=folds)
+    fitted, oof, info = probe.select_probe(X, y, [i for i, _ in rows], folds=folds, extra=extra)
     logits, i = {}, 0
     for r in records:
         n = len(at(r))
         logits[r["id"]] = probe.probe_logit(oof[i:i + n])
         i += n
-    return fitted, {**info, "label": PROBE_LABEL, "rows": len(y)}, logits
+    return fitted, {**info, "label": PROBE_LABEL, "rows": len(y),
+                    "probe_data_rows": 0 if extra is None else len(extra[1])}, logits
+
+
+def read_probe_data(paths: list, training: list[dict]) -> tuple[list[dict], dict, list[str]]:
+    """--probe-data: small-only records (tools/probe_data.py) with their states (each file's
+    sidecar), less any question the training table holds (by question hash): (records, states,
+    hashes of the questions kept, for the overlap checks of later stages)."""
+    taken = {question_hash(r["question"]) for r in training}
+    records, states = [], {}
+    for path in paths:
+        recs = [r for r in read_table(path, small_only=True) if question_hash(r["question"]) not in taken]
+        got = probe.table_states(path, recs, probe.SIDECAR_LAYERS[0])
+        for r in recs:   # ids may repeat across files: keyed by file
+            key = f"{path}::{r['id']}"
+            records.append({**r, "id": key})
+            states[key] = got[r["id"]]
+    return records, states, [question_hash(r["question"]) for r in records]
 
 
 # ----------------------------------------------------------------------------------------
@@ -571,6 +601,11 @@ def build_parser():
                    help=f"with --hidden-state: also decide before the first draft, from the question's "
                         f"own state ({', '.join(BEFORE_FEATURES)}: a second probe, on the prompt's last "
                         f"token), whether the large model takes the question alone (nothing drafted)")
+    g.add_argument("--probe-data", nargs="+", metavar="FILE", default=None,
+                   help="with --hidden-state: small-only solutions of other questions, each with its "
+                        "states beside it (tools/probe_data.py), added to every fit of the probes "
+                        "(never scored: the training table's features stay out of fold); later stages "
+                        "refuse tables that share questions with them")
     g.add_argument("--probe-folds", type=int, default=5,
                    help="cross-fitting folds of the hidden-state probe (default 5)")
     g.add_argument("--iters", type=int, default=D.iters, help=f"training iterations (default {D.iters})")
@@ -613,6 +648,8 @@ def config_from_args(args) -> TrainConfig:
                          f"choose from {', '.join(FEATURE_NAMES)}")
     if getattr(args, "with_prm", False):
         features += [f for f in PRM_FEATURES if f not in features]
+    if getattr(args, "probe_data", None) and not getattr(args, "hidden_state", False):
+        raise UsageError("--probe-data trains the hidden-state probe: it needs --hidden-state")
     if getattr(args, "before_draft", False) and not getattr(args, "hidden_state", False):
         raise UsageError("--before-draft decides from the question's hidden state: it needs --hidden-state")
     if getattr(args, "hidden_state", False):
@@ -629,18 +666,23 @@ def main(argv=None):
     config = config_from_args(args)
 
     records, pricing = load_records(args.train, args)
-    probes, logits = {}, {}   # "step" / "question": (probe, its info); out-of-fold logits
+    probes, logits, probe_hashes = {}, {}, []   # "step" / "question": (probe, info); out-of-fold logits
     if any(f in HIDDEN_FEATURES for f in config.features):   # the probes on the small model's state
         check_range("--probe-folds", args.probe_folds, 2)
         layer = probe.SIDECAR_LAYERS[0]
         states = probe.table_states(args.train, records, layer)
+        extra_recs, extra_states, probe_hashes = read_probe_data(args.probe_data, records) \
+            if args.probe_data else ([], {}, [])
         for kind in ["step"] + (["question"] if args.before_draft else []):
-            fitted, info, logits[kind] = fit_hidden_probe(records, states, args.probe_folds, kind == "question")
+            extra = probe_rows(extra_recs, extra_states, kind == "question") if extra_recs else None
+            fitted, info, logits[kind] = fit_hidden_probe(records, states, args.probe_folds, kind == "question",
+                                                          extra)
             probes[kind] = (fitted, {**info, "layer": layer, "width": int(fitted.mean.numel()),
                                      "model": table_pool(records)["small"].get("model")})
             print(f"hidden-state probe at each {'question' if kind == 'question' else 'drafted step'} "
                   f"({PROBE_LABEL}; {layer} layer, width {probes[kind][1]['width']}): L2 {info['l2']:g}, PCA "
-                  f"{info['dim']}, out-of-fold AUC {info['train_oof_auc']:.3f} on {plural(info['rows'], 'row')}")
+                  f"{info['dim']}, out-of-fold AUC {info['train_oof_auc']:.3f} on {plural(info['rows'], 'row')}"
+                  + (f" (+ {info['probe_data_rows']} probe-data rows of {len(extra_recs)} questions)" if extra_recs else ""))
     question = {i: float(v[0]) for i, v in logits["question"].items()} if "question" in logits else None
     table = build_table(records, pricing, prm_price_from_args(args, pricing, records), logits.get("step"), question)
     if any(f in PRM_FEATURES for f in config.features):   # policy+prm: it pays for the PRM
@@ -670,7 +712,7 @@ def main(argv=None):
     meta = {"pool": table.pool, "pricing": asdict(table.pricing), "prm_price": table.prm_price
             if table.prm_priced else None, "target": target,
             "target_spec": target_spec, "train": str(args.train), "n_train": table.Q,
-            "question_hashes": table.hashes,
+            "question_hashes": table.hashes, "probe_data": args.probe_data, "probe_data_hashes": probe_hashes,
             "command": " ".join(sys.argv if argv is None else ["train_policy.py", *argv]),
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
             "args": {k: v for k, v in vars(args).items()}, "final_lambda": lam,

@@ -1,6 +1,7 @@
 """The hidden-state policy (DESIGN section 4): rollout.py --add-hidden writes a table's states
 beside it, train_policy.py --hidden-state fits its probe out of fold and stores it, calibrate.py
 and route.py read the same feature, and the live drafter's states equal the stored ones."""
+import functools
 import json
 import os
 import shutil
@@ -113,8 +114,7 @@ def test_probe_features_are_out_of_fold():
     flipped = [{**r, "small": {**r["small"], "correct": not r["small"]["correct"]}} if r["id"] == "q0" else r
                for r in records]
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(probe, "PROBE_GRID", grid)
-        m.setattr(probe.select_probe, "__defaults__", (5, grid))
+        m.setattr(probe, "select_probe", functools.partial(probe.select_probe, grid=grid))
         refit, _, oof2 = tp.fit_hidden_probe(flipped, states, folds=5)
         again, _, oof3 = tp.fit_hidden_probe(records, states, folds=5)
     assert torch.equal(oof3["q0"], oof["q0"])
@@ -278,3 +278,42 @@ def test_before_draft_policy_through_the_stages(before_policy, with_states, tiny
             assert run["route"] == want and run["tokens"]["small"] == 0 and run["escalated_at"] == 0
         else:
             assert run["tokens"]["small"] > 0
+
+
+# ---------------------------------------------------------------------------- probe data
+def test_probe_data_joins_every_fit_and_is_checked_for_overlap(with_states, tiny_table, tmp_path, capsys):
+    """--probe-data: other questions' small-only solutions (their states beside them) join every
+    fit of the probe and are never scored; a probe-data question the training table holds is
+    dropped; later stages refuse a table sharing questions with the probe data."""
+    records = tiny_table["records"]
+    data = tmp_path / "probe-data.jsonl"
+    lines = [{k: v for k, v in r.items() if k != "escalations"} for r in records[:3]]   # held by training
+    lines += [{**line, "id": f"other/{i}", "question": line["question"] + " Think twice."}
+              for i, line in enumerate(lines)]
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    probe.hidden_for_table(data, None, probe.sidecar_path(data), "float32", probe.SIDECAR_LAYERS, small_only=True)
+    policy_path = tmp_path / "policy.pt"
+    tp.main(["--train", str(with_states), "--target-relative", "0.9", "--out", str(policy_path),
+             "--hidden-state", "--hidden", "--iters", "20", "--probe-folds", "2", "--probe-data", str(data), *PRICES])
+    said = capsys.readouterr().out
+    steps = sum(len(x["small"]["steps"]) for x in lines[3:])
+    assert f"+ {steps} probe-data rows of 3 questions" in said
+    policy = tp.load_policy(policy_path)
+    assert policy.probe_info["probe_data_rows"] == steps and len(policy.meta["probe_data_hashes"]) == 3
+    # the fitted probe is the one on the training rows plus the probe data
+    states = probe.table_states(with_states, records)
+    X, y = tp.probe_rows(records, states)
+    Xe, ye = tp.probe_rows([{**x, "id": x["id"]} for x in lines[3:]], probe.table_states(data, lines[3:]))
+    ref = probe.fit_probe(torch.cat([X, Xe]), torch.cat([y, ye]), policy.probe_info["l2"], policy.probe_info["dim"])
+    torch.testing.assert_close(policy.probe.w, ref.w)
+    # a table holding probe-data questions is refused by calibrate.py, in one line
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text("".join(json.dumps({**r, "id": f"c/{i}", "question": x["question"]}) + "\n"
+                             for i, (r, x) in enumerate(zip(records[:3], lines[3:]))))
+    probe.hidden_for_table(clash, None, probe.sidecar_path(clash), "float32", probe.SIDECAR_LAYERS)
+    with pytest.raises(UsageError, match="its probe data"):
+        calibrate.main(["--policy", str(policy_path), "--data", str(clash), "--target-relative", "0.9",
+                        "--out", str(tmp_path / "c.json"), *PRICES])
+    with pytest.raises(UsageError, match="needs --hidden-state"):
+        tp.main(["--train", str(with_states), "--target-relative", "0.9", "--out", str(policy_path),
+                 "--probe-data", str(data)])
