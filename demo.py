@@ -217,18 +217,19 @@ def one_run(args, paths: dict, d: Path, r: float, seed: int, record) -> dict:
     spec = {"relative": r}
     tr, ca, te = (canon(paths[s]) for s in SLICES)
 
+    train_argv = ["--train", tr, "--target-relative", str(r), "--seed", str(seed), "--out", canon(policy),
+                  *shlex.split(args.train_args)]
+
     def policy_ok() -> bool:
         try:
             meta = torch.load(policy, map_location="cpu", weights_only=True).get("meta") or {}
         except Exception:  # a torn or foreign file: train again
             return False
-        return meta.get("train") == tr and meta.get("target_spec") == spec and \
-            (meta.get("config") or {}).get("seed") == seed
+        return meta.get("command") == " ".join(["train_policy.py", *train_argv])
 
     if not (fresh([policy], [paths["train"]]) and policy_ok()):
         t = time.perf_counter()
-        run_stage("train_policy", ["--train", tr, "--target-relative", str(r), "--seed", str(seed),
-                                   "--out", canon(policy)], d / "train.log", where)
+        run_stage("train_policy", train_argv, d / "train.log", where)
         record.stage("train", time.perf_counter() - t)
 
     c = read_json(cal)
@@ -283,6 +284,7 @@ def summarize(evals: dict, targets: list, seeds: int, counts: dict, delta) -> di
             "policy_seeds": {"accuracy": mean_sd([p["accuracy"] for p in pcs]),
                              "relative_cost": mean_sd([p["relative_cost"] for p in pcs]),
                              "meets_target": sum(bool(p["meets_target"]) for p in pcs), "of": seeds,
+                             "large_alone": sum(p["kappa"] is None for p in pcs),
                              "per_seed": [{"kappa": p["kappa"], "accuracy": p["accuracy"],
                                            "relative_cost": p["relative_cost"],
                                            "meets_target": p["meets_target"]} for p in pcs]},
@@ -325,8 +327,8 @@ def summary_markdown(s: dict, machine: dict, commands: list, seconds: float) -> 
         row("oracle (hindsight)", t["oracle"])
         k = t["policy_seed0"]["kappa"]
         row(f"policy, seed 0 ({'large alone' if k is None else f'kappa {k:.4g}'})", t["policy_seed0"])
-        lines.append(f"| policy, {ps['of']} seeds | {ps['accuracy']['mean']:.3f} ± {ps['accuracy']['sd']:.3f} | "
-                     f"{ps['relative_cost']['mean']:.3f} ± {ps['relative_cost']['sd']:.3f} | "
+        lines.append(f"| policy, {ps['of']} seeds ({routes(ps)}) | {ps['accuracy']['mean']:.3f} ± "
+                     f"{ps['accuracy']['sd']:.3f} | {ps['relative_cost']['mean']:.3f} ± {ps['relative_cost']['sd']:.3f} | "
                      f"{ps['meets_target']}/{ps['of']} |")
         for name, p in t["calibrated"].items():
             row(f"{name} (calibrated)", p)
@@ -346,6 +348,12 @@ def summary_markdown(s: dict, machine: dict, commands: list, seconds: float) -> 
     return "\n".join(lines)
 
 
+def routes(ps: dict) -> str:
+    """How many seeds' calibrations route, and how many fall back to the large model alone."""
+    fallback = ps.get("large_alone", 0)
+    return f"{ps['of'] - fallback} route, {fallback} fall back to the large model alone"
+
+
 def print_headline(s: dict) -> None:
     print(f"\nheadline on {plural(s['tables']['test'], 'test question')} ({s['pool']['small']} -> "
           f"{s['pool']['large']}; thresholds chosen on {s['tables']['calib']} calibration questions, "
@@ -357,7 +365,7 @@ def print_headline(s: dict) -> None:
         print(f"  calibrated policy, seed 0: {fmt(t['policy_seed0'])}")
         print(f"  calibrated policy, {ps['of']} seeds: accuracy {ps['accuracy']['mean']:.3f} ± "
               f"{ps['accuracy']['sd']:.3f}, relative cost {ps['relative_cost']['mean']:.3f} ± "
-              f"{ps['relative_cost']['sd']:.3f}, {ps['meets_target']}/{ps['of']} meet the target")
+              f"{ps['relative_cost']['sd']:.3f}, {ps['meets_target']}/{ps['of']} meet the target ({routes(ps)})")
         for name, p in t["calibrated"].items():
             print(f"  calibrated {name}: {fmt(p)}")
         ci = d["seed0"].get("ci")
@@ -473,6 +481,15 @@ def parse_args(argv=None):
                    help=f"the SVAMP position of the question routed live, in [{HELD_OUT[0]}, {HELD_OUT[1]}) "
                         f"(default {HELD_OUT[0]})")
     p.add_argument("--no-route", action="store_true", help="do not route a question live")
+    v = p.add_argument_group("a variant of the method (its results in --results, beside the method's)")
+    v.add_argument("--train-args", default="", metavar="'FLAGS'",
+                   help="more train_policy.py flags, e.g. '--hidden-state --hidden' (the hidden-state "
+                        "policy, linear; its tables need their states: rollout.py --add-hidden)")
+    v.add_argument("--test-table", default="test", metavar="NAME",
+                   help="the table measured on, NAME.jsonl in --tables (default test; e.g. check)")
+    v.add_argument("--results", default="", metavar="SUBDIR",
+                   help="where in --tables the committed results of this run are (and --refresh-committed "
+                        "writes them): e.g. hidden-state (default: --tables itself)")
     g = p.add_argument_group("building the tables (rollout.py)")
     g.add_argument("--build", action="store_true",
                    help="extend the tables to --train/--calib/--test questions before training")
@@ -486,9 +503,14 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=ROLLOUT["max_new_tokens"], help=argparse_hidden())
     g.add_argument("--dtype", default=ROLLOUT["dtype"], help=argparse_hidden())
     args = p.parse_args(argv)
-    if args.refresh_committed and args.out is not None and Path(args.out) != Path(args.tables):
-        raise UsageError(f"--refresh-committed writes into --tables {args.tables}; it does not go with --out {args.out}")
-    args.out = args.tables if args.refresh_committed else (args.out or DEFAULT_OUT)
+    committed = Path(args.tables) / args.results
+    if args.refresh_committed and args.out is not None and Path(args.out) != committed:
+        raise UsageError(f"--refresh-committed writes into {committed}; it does not go with --out {args.out}")
+    args.out = str(committed) if args.refresh_committed else (args.out or DEFAULT_OUT)
+    try:
+        shlex.split(args.train_args)
+    except ValueError as err:
+        raise UsageError(f"--train-args: {err}") from None
     if (args.small is None) != (args.large is None):
         raise UsageError("--small and --large go together")
     if args.seeds < 1:
@@ -538,9 +560,11 @@ def main(argv=None) -> int:
     record = Record(out / "demo.json")
     if build:
         build_tables(args, tables, have, want, record)
-    paths = {sl: find_table(tables, sl) for sl in SLICES}
+    paths = {sl: find_table(tables, args.test_table if sl == "test" else sl) for sl in SLICES}
+    if paths["test"] is None:
+        raise UsageError(f"--test-table {args.test_table}: no {args.test_table}.jsonl(.gz) in {tables}/")
     counts = {sl: len(table_ids(paths[sl])) for sl in SLICES}
-    short = [sl for sl in SLICES if counts[sl] < DEFAULT_COUNTS[sl]]
+    short = [sl for sl in SLICES if counts[sl] < DEFAULT_COUNTS[sl] and (sl != "test" or args.test_table == "test")]
     say(f"tables in {tables}/: train {counts['train']}, calib {counts['calib']}, test "
         f"{plural(counts['test'], 'question')}" + (f" (fewer than the committed build's "
         f"{'/'.join(str(DEFAULT_COUNTS[s]) for s in SLICES)}; --build extends them)" if short else ""))
@@ -579,7 +603,8 @@ def main(argv=None) -> int:
     commands = [f"python demo.py {shlex.join(sys.argv[1:] if argv is None else list(map(str, argv)))}".rstrip(),
                 "# which runs, for each R in " + " ".join(map(str, args.targets)) +
                 f" and each seed s in 0..{args.seeds - 1}:",
-                f"python train_policy.py --train {tr} --target-relative R --seed s --out {o}/target-R/seed-s/policy.pt",
+                f"python train_policy.py --train {tr} --target-relative R --seed s --out {o}/target-R/seed-s/policy.pt"
+                + (f" {args.train_args}" if args.train_args else ""),
                 f"python calibrate.py --policy {o}/target-R/seed-s/policy.pt --data {ca} --target-relative R{D} "
                 f"--out {o}/target-R/seed-s/calibration.json",
                 f"python evaluate.py --data {te} --policy {o}/target-R/seed-s/policy.pt --calibration "
@@ -587,7 +612,7 @@ def main(argv=None) -> int:
     (out / "summary.md").write_text(summary_markdown(summary, m, commands, seconds), encoding="utf-8")
     say(f"{plural(len(args.targets) * args.seeds, 'run')} (train, calibrate, evaluate) in {clock(seconds)}; "
         f"wrote {out}/summary.md, summary.json, policy.pt and calibration.json ({summary['deployed']})")
-    verdict = None if args.refresh_committed else compare(made, out, tables)
+    verdict = None if args.refresh_committed else compare(made, out, tables / args.results)
     record.save(stages_seconds=round(seconds, 1), verdict=verdict)
 
     routed, failed = None, None
