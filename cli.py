@@ -104,16 +104,20 @@ def add_api_args(p) -> None:
                    help="retries of a failed request (429, 5xx, timeouts) before the run stops (default 6)")
 
 
-def add_model_args(p, max_new_tokens: int = 1024) -> None:
-    """How the pool's local models run, for rollout.py and route.py (one meaning in both)."""
+def add_model_args(p, max_new_tokens: int | None = 1024, dtype: str | None = "auto",
+                   defaults_from: str = "") -> None:
+    """How the pool's local models run, for rollout.py and route.py (one meaning in both).
+    route.py passes None defaults: it takes them from the policy's training table
+    (`defaults_from` says so in --help)."""
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                   help=f"token limit of every generation; route.py should use the table's "
-                        f"(default {max_new_tokens})")
+                   help=f"token limit of every generation (default "
+                        f"{max_new_tokens if max_new_tokens is not None else defaults_from + ', else 1024'})")
     p.add_argument("--device", default="auto",
                    help="auto (a GPU where there is one, else cpu), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on GPUs and on CPUs that compute in it, else float32), "
-                        "bfloat16, float16 or float32 (default auto)")
+    p.add_argument("--dtype", default=dtype,
+                   help="auto (float32 on a CPU: live runs equal the table's; bfloat16 on GPUs), "
+                        "bfloat16, float16 or float32 (default "
+                        f"{dtype if dtype is not None else defaults_from + ', else auto'})")
     p.add_argument("--seed", type=int, default=0, help="seed of torch and of servers (default 0)")
 
 

@@ -124,10 +124,14 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_dtype(dtype: str, device: str):
+    """`auto`: float32 on a CPU, bfloat16 on a GPU (float16 on old ones). On a CPU bfloat16 is
+    faster where the hardware computes in it, but its rounding then depends on which sequences
+    share a batch, so a live route (batch 1) can leave the table (built in batches) at the first
+    near-tie: float32 keeps live = table by default; --dtype bfloat16 trades that for speed."""
     import torch
-    if dtype == "auto":  # bf16 where the hardware computes in it, else float32 (fp16 on old GPUs)
+    if dtype == "auto":
         if device == "cpu":
-            return torch.bfloat16 if cpu_has_bf16() else torch.float32
+            return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:
         return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,

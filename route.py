@@ -40,8 +40,8 @@ from engine import load_lm, resolve_device
 from data import extract_answer
 from rollout import DEFAULT_LARGE, DEFAULT_SMALL, load_model
 
-GET_ONE = "train one with train_policy.py and calibrate.py, or run `make demo` to rebuild " \
-          "results/svamp/policy.pt and results/svamp/calibration.json"
+GET_ONE = "train one with train_policy.py and calibrate.py, or run `python demo.py --refresh-committed` " \
+          "to rebuild results/svamp/policy.pt and results/svamp/calibration.json"
 
 
 class LazyLM:
@@ -277,7 +277,7 @@ def build_parser():
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the run on the last line of stdout "
                         "(the live display goes to stderr)")
-    add_model_args(p)
+    add_model_args(p, max_new_tokens=None, dtype=None, defaults_from="the policy's training table's")
     add_api_args(p)
     return p
 
@@ -288,8 +288,10 @@ def parse_args(argv=None):
         raise UsageError("give a non-empty question, or --interactive")
     if args.escalate_at is not None and args.escalate_at < 0:
         raise UsageError(f"--escalate-at must be >= 0, got {args.escalate_at}")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.kappa is not None and not 0.0 <= args.kappa <= 1.0:
+        raise UsageError(f"--kappa is a threshold on a probability: it must be in [0, 1], got {args.kappa}")
     if args.kappa is not None and args.calibration:
         raise UsageError("give --calibration or --kappa, not both")
     if args.escalate_at is None:
@@ -332,6 +334,22 @@ def pool_model(given: str | None, pool: dict, role: str, default: str) -> tuple[
     return name, source, recorded.get("params") if same else None
 
 
+def generation_defaults(args, policy, display) -> None:
+    """--max-new-tokens and --dtype: the policy's training table's settings where the flags are
+    not given (so that the live run is the one the table recorded), a warning where a flag
+    overrides them; 1024 and auto without a policy that records them."""
+    table = (policy.meta.get("settings") or {}) if policy is not None else {}
+    dtypes = table.get("dtype") or []
+    recorded = {"max_new_tokens": table.get("max_new_tokens"), "dtype": dtypes[0] if len(dtypes) == 1 else None}
+    for key, fallback in (("max_new_tokens", 1024), ("dtype", "auto")):
+        given, theirs = getattr(args, key), recorded[key]
+        if given is None:
+            setattr(args, key, theirs if theirs is not None else fallback)
+        elif theirs is not None and str(given) != str(theirs) and not (key == "dtype" and given == "auto"):
+            display.note(f"warning: --{key.replace('_', '-')} {given} overrides the policy's training "
+                         f"table ({theirs}): live runs may differ from what the table predicts")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     display = Display(enabled=True, stream=sys.stderr if args.json else sys.stdout)
@@ -342,6 +360,7 @@ def main(argv=None) -> int:
             raise UsageError(f"{args.policy}: no such policy file; {GET_ONE}")
         policy = load_policy(args.policy)
         pool = policy.meta.get("pool", {})
+    generation_defaults(args, policy, display)
     if args.calibration:
         cal = read_calibration(args.calibration, args.policy)
         kappa = cal["kappa"]

@@ -713,6 +713,7 @@ def main(argv=None):
             if table.prm_priced else None, "target": target,
             "target_spec": target_spec, "train": str(args.train), "n_train": table.Q,
             "question_hashes": table.hashes, "probe_data": args.probe_data, "probe_data_hashes": probe_hashes,
+            "settings": next((r["settings"] for r in records if "settings" in r), None),
             "command": " ".join(sys.argv if argv is None else ["train_policy.py", *argv]),
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
             "args": {k: v for k, v in vars(args).items()}, "final_lambda": lam,

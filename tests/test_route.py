@@ -291,3 +291,42 @@ def test_no_link_leaves_the_repository():
     for f in ["README.md", *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", (ROOT / f).read_text()):
             assert ((ROOT / f).parent / target).resolve().is_file(), (f, target)
+
+
+def test_default_flags_route_live_as_the_table_says(tiny_pool, tmp_path):
+    """With every generation flag left at its default, rollout.py builds a table (float32 on a
+    CPU: batch composition cannot move its numerics) and route.py, reading the token limit and
+    dtype from the policy's training table, reproduces it: the small model's whole solution,
+    and the large model's continuation after a forced escalation, text and answer."""
+    from tinymodel import write_questions_jsonl
+    from table import read_table
+    data = write_questions_jsonl(tmp_path / "q.jsonl", tiny_pool["questions"][8:11])
+    table = tmp_path / "t.jsonl"
+    import rollout
+    rollout.main(["--dataset", str(data), "--small", str(tiny_pool["small"]), "--large", str(tiny_pool["large"]),
+                  "--out", str(table), "--max-new-tokens", "80", "--batch-size", "3"])
+    records = read_table(table)
+    assert records[0]["settings"]["dtype"] == ["float32"]
+    policy = tmp_path / "policy.pt"
+    train_policy.main(["--train", str(table), "--target-relative", "0.9", "--out", str(policy), "--iters", "5"])
+    assert train_policy.load_policy(policy).meta["settings"]["max_new_tokens"] == 80
+    r = next(x for x in records if len(x["small"]["steps"]) >= 2)
+    for extra, want_text, want_answer in (
+            (["--kappa", "1.0"], "".join(s["text"] for s in r["small"]["steps"]), r["small"]["answer"]),
+            (["--escalate-at", "2"], r["small"]["steps"][0]["text"] + r["escalations"][1]["text"],
+             r["escalations"][1]["answer"])):
+        out = subprocess.run([sys.executable, str(ROOT / "route.py"), "--policy", str(policy), *extra,
+                              "--small", str(tiny_pool["small"]), "--large", str(tiny_pool["large"]),
+                              "--json", r["question"]],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 0, out.stderr
+        run = json.loads(out.stdout.strip().splitlines()[-1])
+        assert run["solution"] == want_text and run["answer"] == want_answer
+    warned = subprocess.run([sys.executable, str(ROOT / "route.py"), "--policy", str(policy), "--kappa", "1.0",
+                             "--small", str(tiny_pool["small"]), "--large", str(tiny_pool["large"]),
+                             "--max-new-tokens", "40", "--json", r["question"]],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert warned.returncode == 0 and "--max-new-tokens 40 overrides the policy's training table (80)" in warned.stderr
+    bad = subprocess.run([sys.executable, str(ROOT / "route.py"), "--policy", str(policy), "--kappa", "-1", "q"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--kappa" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
