@@ -157,3 +157,56 @@ def test_defaults():
     assert demo.parse_args(["--refresh-committed"]).out == "results/svamp"
     assert demo.regions(1000) == {"train": (0, 500), "calib": (500, 250), "test": (750, 150)}
     assert demo.tag(0.9) == "target-0.90" and demo.tag(0.95) == "target-0.95"
+
+
+@pytest.fixture(scope="module")
+def with_states(tables):
+    """The committed tiny tables with their hidden states beside them (rollout.py --add-hidden)."""
+    committed = tables / "committed"
+    rollout.main(["--add-hidden", *(str(committed / f"{sl}.jsonl") for sl in COUNTS), "--dtype", "float32"])
+    return committed
+
+
+def test_a_variant_beside_the_method_reproduces(with_states, tables, capsys):
+    """--train-args runs the hidden-state policy through the same stages; --results keeps its
+    committed results beside the method's; a second run elsewhere reproduces them exactly."""
+    variant = ["--tables", str(with_states), "--train-args", "--hidden-state --hidden", "--results", "hidden",
+               "--targets", "0.9", "--seeds", "1", "--no-route"]
+    assert demo.main([*variant, "--refresh-committed"]) == 0
+    made = with_states / "hidden" / "target-0.90" / "seed-0"
+    from train_policy import load_policy
+    assert load_policy(made / "policy.pt").probe is not None
+    assert "--hidden-state --hidden" in (with_states / "hidden" / "summary.md").read_text()
+    capsys.readouterr()
+    assert demo.main([*variant, "--out", str(tables / "V")]) == 0
+    assert "reproduces the committed results exactly" in capsys.readouterr().out
+    with pytest.raises(demo.UsageError, match="--test-table nope"):
+        demo.main([*variant, "--test-table", "nope", "--out", str(tables / "W")])
+
+
+def test_probe_curve(with_states, tables, tiny_table):
+    """tools/probe_curve.py: per amount of probe data, the probe's AUCs and the calibrated policy
+    through demo.py; the probe data joins the probe's fit (its rows are recorded in policy.pt)."""
+    import probe
+    sys.path.insert(0, str(ROOT / "tools"))
+    import probe_curve
+    data = tables / "probe-data.jsonl"
+    recs = [{**{k: v for k, v in r.items() if k != "escalations"}, "id": f"p/{i}",
+             "question": f"Probe {i}. {r['question']}"} for i, r in enumerate(tiny_table["records"])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    probe.hidden_for_table(data, None, probe.sidecar_path(data), "float32", probe.SIDECAR_LAYERS, small_only=True)
+    out = tables / "curve.md"
+    assert probe_curve.main(["--probe-data", str(data), "--sizes", "0", "5", "all", "--tables", str(with_states),
+                             "--also", "--seeds", "1", "--targets", "0.9", "--work", str(tables / "curve"),
+                             "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["probe_data_questions"] for r in rows] == [0, 5, len(recs)]
+    for r in rows:
+        assert 0.0 <= r["auc"]["test_step"] <= 1.0 and "test" in r["tables"]
+    from train_policy import load_policy
+    last = load_policy(tables / "curve" / f"n-{len(recs)}" / "test" / "target-0.90" / "seed-0" / "policy.pt")
+    assert last.probe_info["probe_data_rows"] == sum(len(r["small"]["steps"]) for r in recs)
+    assert "| N probe data |" in out.read_text()
+    with pytest.raises(demo.UsageError, match="holds 8 questions"):
+        probe_curve.main(["--probe-data", str(data), "--sizes", "50", "--tables", str(with_states), "--also",
+                          "--work", str(tables / "curve2"), "--out", str(tables / "c2.md")])
