@@ -332,10 +332,14 @@ def summary_markdown(s: dict, machine: dict, commands: list, seconds: float) -> 
                      f"{ps['meets_target']}/{ps['of']} |")
         for name, p in t["calibrated"].items():
             row(f"{name} (calibrated)", p)
-        ci = d["seed0"].get("ci")
+        ci, rc = d["seed0"].get("ci"), d["seed0"].get("recalibrated")
         lines += ["", f"Policy minus the best calibrated handcrafted router ({d['seed0']['baseline']}) in "
                   f"relative cost, seed 0: {d['seed0']['relative_cost_difference']:+.3f}"
                   + (f" (95% paired bootstrap [{ci[0]:+.3f}, {ci[1]:+.3f}])" if ci else "")
+                  + (f"; with the calibration questions resampled and every router calibrated again "
+                     f"({rc['resamples']} resamples): [{fmt_end(rc['ci'][0])}, {fmt_end(rc['ci'][1])}], the "
+                     f"policy falling back to the large model alone in {rc['policy_large_alone_share']:.0%} of them"
+                     if rc else "")
                   + f"; over the seeds {d['seeds']['mean']:+.3f} ± {d['seeds']['sd']:.3f}, interval "
                   f"below zero for {d['ci_excludes_zero_below']}/{ps['of']}. Every router's sweep and "
                   f"the hindsight frontiers: {t['pointer']}.", ""]
@@ -346,6 +350,10 @@ def summary_markdown(s: dict, machine: dict, commands: list, seconds: float) -> 
               + (f", {machine['cuda']}" if machine.get("cuda") else "") + f"; the stages took {clock(seconds)}.", "",
               "Commands:", "", "```", *commands, "```", ""]
     return "\n".join(lines)
+
+
+def fmt_end(x) -> str:
+    return "none" if x is None else f"{x:+.3f}"
 
 
 def routes(ps: dict) -> str:

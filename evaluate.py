@@ -84,7 +84,7 @@ from calibrate import (calibrate_scores, choose_threshold, chosen_point, load_ca
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from report import plot_escalation_steps, plot_tradeoff, write_markdown
 from table import (Table, add_pricing_args, aggregate, check_overlap, first_crossing, outcome_columns,
-                   route_outcomes, target_of, with_prm_cost)
+                   route_outcomes, select, target_of, with_prm_cost)
 from train_policy import (FEATURE_NAMES, decides_before_draft, escalation_distribution, load_policy, load_table,
                           policy_probs, policy_view, table_routes, uses_hidden, uses_prm)
 
@@ -330,6 +330,39 @@ def paired_cost_interval(counts, table: Table, cost_a: torch.Tensor, cost_b: tor
     return interval((counts @ cost_a - counts @ cost_b) / (counts @ table.large_cost))
 
 
+def recalibrated_interval(calib: Table, test: Table, spec: dict, delta, policy, n: int, seed: int) -> dict:
+    """The policy's relative cost minus the best calibrated handcrafted router's with the
+    calibration resampled too: in each of n resamples the calibration questions are drawn with
+    replacement, the policy and every handcrafted router are calibrated again on the draw (the
+    best router chosen again on it), and the test questions are drawn with replacement. So the
+    interval also holds the luck of which calibration questions there were, which the paired
+    interval (calibrated thresholds held fixed) leaves out. Also: how often the policy's
+    recalibration falls back to the large model alone."""
+    names = ["policy", *HANDCRAFTED]
+    views = {name: scored_table(calib, name, policy) for name in names}
+    scores = {name: method_scores(views[name], name, policy) for name in names}
+    cal_counts, test_counts = bootstrap_counts(calib.Q, n, seed + 1), bootstrap_counts(test.Q, n, seed + 2)
+    applied, diffs, fallback = {}, [], 0
+
+    def test_cost(name, knob):   # per-question costs on the test table, once per distinct knob
+        if (name, knob) not in applied:
+            applied[(name, knob)] = apply_knob(test, name, knob, policy)["cost"][0]
+        return applied[(name, knob)]
+    for b in range(n):
+        idx = torch.repeat_interleave(torch.arange(calib.Q), cal_counts[b].long())
+        chosen = {}
+        for name in names:
+            r = calibrate_scores(select(views[name], idx), scores[name][idx], spec, delta)
+            chosen[name] = (r["knob"], {"calibration_met": r["met"], "calibration_accuracy": r["accuracy"],
+                                        "calibration_relative_cost": r["relative_cost"]})
+        best = best_handcrafted({name: point for name, (_, point) in chosen.items() if name != "policy"})
+        fallback += chosen["policy"][0] is None
+        w = test_counts[b]
+        diffs.append((w @ test_cost("policy", chosen["policy"][0]) - w @ test_cost(best, chosen[best][0]))
+                     / (w @ test.large_cost))
+    return {"ci": interval(torch.stack(diffs)), "resamples": n, "policy_large_alone_share": fallback / n}
+
+
 def interval(samples: torch.Tensor):
     """Central 95% percentile interval; an infinite end ("never") becomes null."""
     lo, hi = torch.quantile(samples.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
@@ -353,6 +386,10 @@ def build_parser():
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap resamples for 95%% intervals (0: none; default 1000)")
+    parser.add_argument("--recalibrate", type=int, default=200, metavar="N",
+                        help="with --calib-data: resamples of the interval of policy minus the best "
+                             "calibrated handcrafted router that also draws the calibration questions and "
+                             "calibrates every router again in each (0: none; default 200)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     parser.add_argument("--allow-overlap", action="store_true",
                         help="go on even if the test table shares questions with the policy's training "
@@ -393,6 +430,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     check_range("--bootstrap", args.bootstrap, 0, 1_000_000)
+    check_range("--recalibrate", args.recalibrate, 0, 100_000)
     if args.calibration and not args.policy:
         raise UsageError("--calibration needs --policy (the policy it was calibrated for)")
     if args.calib_data and not args.calibration:
@@ -487,6 +525,9 @@ def main(argv=None):
             if counts is not None:
                 comparison["ci"] = paired_cost_interval(counts, table, outs["policy"]["cost"][0],
                                                         outs[best]["cost"][0])
+            if args.recalibrate:
+                comparison["recalibrated"] = recalibrated_interval(calib, table, spec, cal["delta"], policy,
+                                                                   args.recalibrate, args.seed)
             result["policy_vs_best_handcrafted"] = comparison
     if counts is not None:
         result["bootstrap"] = {"resamples": args.bootstrap, "seed": args.seed, "level": 0.95}

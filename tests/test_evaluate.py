@@ -344,3 +344,42 @@ def test_bad_inputs_exit_2_with_one_line(hand_eval, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, res.stderr
         assert lines[0].startswith("evaluate.py: error: ") and message in lines[0], lines[0]
+
+
+def test_recalibrated_interval_against_a_loop():
+    """evaluate.recalibrated_interval: each resample's difference is the one a loop gets by
+    drawing the calibration questions, calibrating the policy and every handcrafted router on
+    the draw (calibrate.calibrate_scores), choosing the best router on the draw, and drawing
+    the test questions."""
+    import calibrate
+    import evaluate as ev
+    import train_policy as tp
+    from synthetic import make_records
+    from types import SimpleNamespace
+    import table as tb
+    flops = SimpleNamespace(prompt_cost=0.0, price_small=None, price_large=None)
+    mk = lambda recs: tp.build_table(recs, tb.pricing_from_args(flops, recs))   # noqa: E731
+    train, calib, test = mk(make_records(40, seed=1)), mk(make_records(30, seed=2)), mk(make_records(25, seed=3))
+    policy, _ = tp.train(train, 0.6, iters=20)
+    spec, n = {"relative": 0.9}, 12
+    got = ev.recalibrated_interval(calib, test, spec, None, policy, n, seed=5)
+    cal_counts, test_counts = ev.bootstrap_counts(calib.Q, n, 6), ev.bootstrap_counts(test.Q, n, 7)
+    diffs, fallback = [], 0
+    for b in range(n):
+        idx = [q for q in range(calib.Q) for _ in range(int(cal_counts[b, q]))]
+        sub = tb.select(calib, idx)
+        knobs, points = {}, {}
+        for name in ["policy", *ev.HANDCRAFTED]:
+            r = calibrate.calibrate_scores(sub, ev.method_scores(sub, name, policy), spec, None)
+            knobs[name] = r["knob"]
+            points[name] = {"calibration_met": r["met"], "calibration_accuracy": r["accuracy"],
+                            "calibration_relative_cost": r["relative_cost"]}
+        best = ev.best_handcrafted({k: v for k, v in points.items() if k != "policy"})
+        fallback += knobs["policy"] is None
+        cost = {k: ev.apply_knob(test, k, knobs[k], policy)["cost"][0] for k in ("policy", best)}
+        w = test_counts[b]
+        diffs.append(float((w @ cost["policy"] - w @ cost[best]) / (w @ test.large_cost)))
+    want = ev.interval(torch.tensor(diffs, dtype=torch.float64))
+    assert got["ci"] == pytest.approx(want, abs=1e-12) and got["resamples"] == n
+    assert got["policy_large_alone_share"] == fallback / n
+    assert got["ci"][0] < got["ci"][1]   # the draws differ: an interval, not a point
