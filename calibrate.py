@@ -11,9 +11,11 @@ every kappa is scored exactly, and we take the cheapest kappa whose accuracy mee
 target: absolute (`--target-accuracy 0.85`) or relative to the large model's accuracy on the
 same calibration questions (`--target-relative 0.98`).
 
-The grid is every distinct policy probability on the calibration table plus the two ends:
-kappa just above the largest probability (never escalate) and kappa = 0 (always escalate at
-step 1). Between two neighbouring grid values the routes, and so the scores, do not change.
+The grid holds one kappa per distinct route: the midpoint between each two neighbouring
+distinct policy probabilities on the calibration table, plus the two ends, kappa = 0 (always
+escalate at step 1) and kappa = 1 (never escalate; beyond a probability that is itself 0 or 1).
+No kappa sits on a probability, so the kappa written to calibration.json gives exactly the
+accuracy and cost reported for it, also rounded to float32 or printed in fewer digits.
 
 With `--delta D` the choice holds with probability >= 1 - D (fixed-sequence testing): walk
 the grid from the most conservative threshold (kappa = 0, always escalate) towards larger
@@ -52,22 +54,20 @@ from pathlib import Path
 import torch
 
 from cli import UsageError, check_range, make_parser, plural, run_cli
-from table import (Table, add_pricing_args, add_target_args, aggregate, check_overlap, first_crossing,
-                   resolve_target, route_outcomes, sweep, target_of)
+from table import (Table, add_pricing_args, add_target_args, aggregate, between_scores, check_overlap,
+                   first_crossing, resolve_target, route_outcomes, sweep, target_of)
 from train_policy import load_policy, load_table, policy_probs, policy_view, prm_table, uses_prm
 
 
 # ----------------------------------------------------------------------------------------
-# The thresholds: every distinct score, scored exactly by table.sweep().
+# The thresholds: one between each two distinct scores, scored exactly by table.sweep().
 # ----------------------------------------------------------------------------------------
 def kappa_grid(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Every distinct score on valid steps plus the ends (the smaller of 0 and the minimum:
-    always escalate at step 1; just above the maximum: never), ascending."""
+    """One threshold per distinct route, ascending: below every score on valid steps (always
+    escalate at step 1), between each two adjacent distinct scores, above every score
+    (never); each strictly between scores (table.between_scores), never on one."""
     values = torch.unique(p[mask].double())
-    top = values.max().item() if len(values) else 0.5
-    low = min(0.0, values.min().item()) if len(values) else 0.0
-    ends = torch.tensor([low, math.nextafter(max(top, 0.0), math.inf)], dtype=torch.float64)
-    return torch.unique(torch.cat([values, ends]))
+    return torch.unique(between_scores(p, mask, torch.cat([values, values.new_full((1,), math.inf)])))
 
 
 # ----------------------------------------------------------------------------------------
@@ -185,8 +185,9 @@ def calibrate_scores(table: Table, scores: torch.Tensor, spec: dict, delta: floa
     i = choose_threshold(swept["accuracy"], swept["relative_cost"], per_question,
                          table.large_correct, spec, delta)
     met, i = i is not None, prefer_large(i, swept["relative_cost"])
+    out = None if i is None else route_outcomes(table, first_crossing(scores, table.mask, grid[i:i + 1]))
     return {"grid": grid, "swept": swept, "index": i, "knob": None if i is None else grid[i].item(),
-            "met": met, **chosen_point(table, swept, i, spec)}
+            "met": met, **chosen_point(table, out, spec)}
 
 
 def prefer_large(i, cost: torch.Tensor):
@@ -198,14 +199,15 @@ def prefer_large(i, cost: torch.Tensor):
     return None if i is None or cost[i].item() > 1.0 + 1e-12 else i
 
 
-def chosen_point(table: Table, swept: dict, i, spec: dict) -> dict:
-    """accuracy / relative_cost / large_share at index i of a sweep, or of the large model
-    alone where i is None; with the target and whether the point meets it."""
-    if i is None:
-        point = {k: v[0].item() for k, v in aggregate(table, route_outcomes(
-            table, torch.full((1, table.Q), table.T + 1))).items()}
-    else:
-        point = {k: swept[k][i].item() for k in ("accuracy", "relative_cost", "large_share")}
+def chosen_point(table: Table, out, spec: dict) -> dict:
+    """accuracy / relative_cost / large_share of the chosen router, from its per-question
+    outcomes out [1,Q] (route_outcomes), or of the large model alone where out is None; with
+    the target and whether the point meets it. Summed as evaluate.py sums a calibrated router
+    applied again (aggregate), not read off the sweep (whose suffix sums add the same costs in
+    another order), so that the stored knob gives these numbers again bit for bit."""
+    if out is None:
+        out = route_outcomes(table, torch.full((1, table.Q), table.T + 1))
+    point = {k: v[0].item() for k, v in aggregate(table, out).items()}
     target = target_of(spec, table.large_correct)
     return {**point, "target": target, "meets_target": point["accuracy"] >= target - 1e-12}
 

@@ -19,7 +19,8 @@ rollout.py, with no LLM call:
   (P(escalate at t) = p (1 - p)^(t-1)), swept over p;
 - handcrafted confidence routers: escalate at the first drafted step whose `mean_logprob` or
   `min_logprob` is <= tau, or whose `mean_entropy` or `max_entropy` is >= tau, swept over tau
-  (quantiles of the statistic on the test steps, plus the two ends: always / never);
+  (quantiles of the statistic on the test steps, plus the two ends: always / never; every
+  tau, calibrated ones too, lies strictly between two values of the statistic, never on one);
 - `oracle`: per question the cheapest correct outcome among escalating at any step, never
   escalating and the large model alone; where none is correct, never escalating;
 - `prm` (where every question of the table has process-reward-model scores, from rollout.py
@@ -83,8 +84,8 @@ from calibrate import (calibrate_scores, choose_threshold, chosen_point, load_ca
                        sha256, warn_pool)
 from cli import UsageError, check_range, make_parser, plural, run_cli
 from report import plot_escalation_steps, plot_tradeoff, write_markdown
-from table import (Table, add_pricing_args, aggregate, check_overlap, first_crossing, outcome_columns,
-                   route_outcomes, select, target_of, with_prm_cost)
+from table import (Table, add_pricing_args, aggregate, between_scores, check_overlap, first_crossing,
+                   outcome_columns, route_outcomes, select, target_of, with_prm_cost)
 from train_policy import (FEATURE_NAMES, decides_before_draft, escalation_distribution, load_policy, load_table,
                           policy_probs, policy_view, table_routes, uses_hidden, uses_prm)
 
@@ -127,14 +128,15 @@ def scored_table(table: Table, name: str, policy=None) -> Table:
 # Routers -> per-question outcomes [K,Q] (correct, cost, small_tokens, large_tokens).
 # ----------------------------------------------------------------------------------------
 def threshold_grid(scores: torch.Tensor, mask: torch.Tensor, n_quantiles: int) -> torch.Tensor:
-    """Quantiles of the scores on valid steps plus the ends: the minimum (escalate at step 1)
-    and just above the maximum (never). Ascending, distinct."""
+    """The routes at quantiles of the scores on valid steps plus the ends (escalate at step
+    1; never), each threshold moved strictly between two scores with the same route
+    (table.between_scores). Ascending, distinct."""
     values = scores[mask].double()
     if not len(values):
         return torch.tensor([0.0], dtype=torch.float64)
     q = torch.quantile(values, torch.linspace(0, 1, n_quantiles, dtype=torch.float64))
-    top = torch.tensor([math.nextafter(values.max().item(), math.inf)], dtype=torch.float64)
-    return torch.unique(torch.cat([q, values.min()[None], top]))
+    ends = torch.tensor([-math.inf, math.inf], dtype=torch.float64)
+    return torch.unique(between_scores(scores, mask, torch.cat([q, ends])))
 
 
 def random_outcomes(table: Table, ps) -> dict:
@@ -217,7 +219,8 @@ def calibrate_random(table: Table, spec: dict, delta) -> dict:
     i = choose_threshold(swept["accuracy"], swept["relative_cost"], lambda a, b: out["correct"][a:b],
                          table.large_correct, spec, delta)
     met, i = i is not None, prefer_large(i, swept["relative_cost"])
-    return {"knob": None if i is None else ps[i], "met": met, **chosen_point(table, swept, i, spec)}
+    return {"knob": None if i is None else ps[i], "met": met,
+            **chosen_point(table, None if i is None else random_outcomes(table, [ps[i]]), spec)}
 
 
 def apply_knob(table: Table, name: str, knob, policy=None, scores=None) -> dict:

@@ -493,6 +493,41 @@ def first_crossing(scores: torch.Tensor, mask: torch.Tensor, thresholds: torch.T
     return torch.where(idx >= n, T, idx).t().contiguous()
 
 
+def score_ends(values: torch.Tensor) -> tuple[float, float]:
+    """Thresholds below and above every one of the ascending distinct scores `values`: 0 and
+    1 where they lie beyond the scores (the policy's p is in [0, 1]), else a margin of max(1,
+    |score|) beyond the least and the greatest; (0, 1) where there are no scores."""
+    if not len(values):
+        return 0.0, 1.0
+    low, top = values[0].item(), values[-1].item()
+    return (0.0 if low > 0 else low - max(1.0, abs(low)),
+            1.0 if top < 1 else top + max(1.0, abs(top)))
+
+
+def between_scores(scores: torch.Tensor, mask: torch.Tensor, thresholds) -> torch.Tensor:
+    """Thresholds [K] moved strictly between two adjacent distinct scores of the valid steps,
+    each with the routes it had (float64, [K]).
+
+    "Escalate at the first step with score >= k" routes exactly as any threshold in (u, v],
+    v the least score >= k and u the score before it; so k becomes the midpoint (u + v) / 2,
+    or score_ends() below the least score (always escalate at step 1) and above the greatest
+    (never). No threshold then sits on a score: storing one in float32 or printing it in
+    fewer digits cannot carry it across a score (unless two scores are closer than float32
+    tells apart), and the accuracy and cost a calibration reports are exactly what its
+    stored threshold gives when applied again. Where u and v are adjacent doubles, with no
+    double between them, k becomes v."""
+    import torch
+    values = torch.unique(scores[mask].double())                  # ascending, distinct
+    th = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1)
+    low, top = score_ends(values)
+    ext = torch.cat([torch.tensor([low], dtype=torch.float64), values,
+                     torch.tensor([top], dtype=torch.float64)])
+    i = torch.searchsorted(values, th, side="left")               # values[i]: the least >= k
+    u, v = ext[i], ext[i + 1]
+    mid = torch.where(((u + v) / 2 > u) & ((u + v) / 2 < v), (u + v) / 2, v)
+    return torch.where(i == 0, low, torch.where(i == len(values), top, mid))
+
+
 def route_outcomes(table: Table, esc: torch.Tensor) -> dict:
     """Per-question outcomes of routes esc [K,Q] (values 0..T-1 escalate, T never, T+1 the
     large model alone; a padded step means never): correct, cost, small_tokens,

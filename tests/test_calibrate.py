@@ -234,6 +234,63 @@ def test_kappas_print_apart():
     assert cb.format_kappa(None) == "large alone"
 
 
+def test_stored_threshold_sits_between_scores_and_reproduces_in_float32():
+    """The reported case: a threshold ON a score, stored in float32, can move past that score
+    and give another route. Scores k/1024 - 1e-12 all round UP in float32 (to k/1024), so the
+    old grid's threshold (the score v where the chosen route starts escalating) becomes, in
+    float32, a threshold above v: the questions escalating at v no longer do, and the
+    calibration point changes (here it falls below the target). The chosen threshold sits
+    strictly between two distinct scores, and applied again as stored, in float32, or as
+    printed, it gives exactly the accuracy and cost the calibration reported, summed as
+    evaluate.py sums a router applied again (dollar prices: sums that depend on the order)."""
+    tab = tp.build_table(make_records(400, 5), tb.Pricing(0.3e-6, 1.1e-6, 0.7e-6, 9.3e-6, unit="dollars"))
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(1, 1024, tab.mask.shape, generator=gen).double() / 1024 - 1e-12
+    values = torch.unique(scores[tab.mask])
+    assert (values.float().double() > values).all()                 # every score rounds up
+    res = cb.calibrate_scores(tab, scores, {"relative": 0.9}, None)
+    knob = res["knob"]
+    assert res["met"] and knob is not None and 0 < res["relative_cost"] < 1
+    below, above = values[values < knob].max().item(), values[values > knob].min().item()
+    assert below < knob < above and knob == (below + above) / 2
+    reported = (res["accuracy"], res["relative_cost"])
+    for k in (knob, torch.tensor(knob, dtype=torch.float32).item(), float(f"{knob:.6g}"),
+              json.loads(json.dumps(knob))):
+        again = tb.score_routes(tab, cb.first_crossing(scores, tab.mask, torch.tensor([k], dtype=torch.float64)))
+        assert (again["accuracy"].item(), again["relative_cost"].item()) == reported, k
+    # on the score itself (the old grid's threshold): the same route in float64, not in float32
+    on = tb.score_routes(tab, cb.first_crossing(scores, tab.mask, torch.tensor([above], dtype=torch.float64)))
+    assert (on["accuracy"].item(), on["relative_cost"].item()) == reported
+    on32 = tb.score_routes(tab, cb.first_crossing(scores, tab.mask, torch.tensor([above], dtype=torch.float32).double()))
+    assert on32["accuracy"].item() < res["target"] <= res["accuracy"]       # 0.865 < 0.86625 <= 0.8675
+    # every grid threshold sits between scores; the ends are 0 (always) and 1 (never)
+    grid = cb.kappa_grid(scores, tab.mask)
+    assert not torch.isin(grid, values).any() and grid[0] == 0.0 and grid[-1] == 1.0
+    assert len(grid) == len(values) + 1
+
+
+def test_calibration_json_reproduces_its_point(trained):
+    """kappa as read back from calibration.json (and rounded to float32), applied to the
+    calibration table, gives exactly the accuracy and relative cost recorded beside it."""
+    d, policy, *_ = trained
+    dollars = ["--price-small", "0.3,1.1", "--price-large", "0.7,9.3"]
+    calib = tp.load_table(d / "calib.jsonl", cb.build_parser().parse_args(
+        ["--policy", "p", "--data", "d", "--target-relative", "1", "--out", "o", *dollars]))
+    for delta in (None, 0.1):
+        out = d / f"again-{delta}.json"
+        argv = ["--policy", str(d / "policy.pt"), "--data", str(d / "calib.jsonl"),
+                "--target-relative", "0.95", "--out", str(out), *dollars]
+        assert cb.main(argv + (["--delta", str(delta)] if delta else [])) == 0
+        cal = json.loads(out.read_text())
+        assert cal["kappa"] is not None
+        p = tp.policy_probs(policy, calib)
+        assert not (p[calib.mask] == cal["kappa"]).any()
+        for k in (cal["kappa"], torch.tensor(cal["kappa"], dtype=torch.float32).item()):
+            got = tb.score_routes(calib, cb.first_crossing(p, calib.mask, torch.tensor([k], dtype=torch.float64)))
+            assert (got["accuracy"].item(), got["relative_cost"].item()) == \
+                (cal["accuracy"], cal["relative_cost"]), (delta, k)
+
+
 def test_overlap_with_training_questions_is_refused(tmp_path):
     train_recs = make_records(200, 50, id_prefix="tr")
     tab = table_of(train_recs)

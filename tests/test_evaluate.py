@@ -4,6 +4,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,8 +137,9 @@ def test_handcrafted_routers_exact(hand_eval):
 def test_calibrated_point_exact(hand_eval):
     d, res = hand_eval
     cal = json.loads((d / "cal.json").read_text())
-    # the cheapest kappa reaching 0.75 fires only on a's step 2 (p = sigmoid(5))
-    assert cal["kappa"] == pytest.approx(1 / (1 + math.exp(-5)), abs=1e-7) and cal["met"]
+    # the cheapest kappa reaching 0.75 fires only on a's step 2 (p = sigmoid(5)): any kappa in
+    # (0.5, sigmoid(5)], 0.5 being the next p below (d's step 1); the grid's is the midpoint
+    assert cal["kappa"] == pytest.approx((0.5 + 1 / (1 + math.exp(-5))) / 2, abs=1e-7) and cal["met"]
     pc = res["policy_calibrated"]
     assert (pc["accuracy"], pc["relative_cost"]) == approx((0.75, 175 / 900))
     assert pc["target"] == 0.75 and pc["meets_target"] is True
@@ -183,8 +185,8 @@ def test_calibrated_baselines_by_hand(hand_eval):
     for pt in cal.values():
         assert {"knob", "accuracy", "relative_cost", "target", "meets_target"} <= set(pt)
     # mean_logprob: tau in [-1, -0.5) reaches 0.75 cheapest (a escalates at step 2 only);
-    # the calibrated threshold is the grid point tau = -1.0
-    assert cal["mean_logprob"]["knob"] == pytest.approx(-1.0)
+    # the calibrated threshold is the midpoint tau = -0.75, on no step's value
+    assert cal["mean_logprob"]["knob"] == -0.75
     assert point(cal["mean_logprob"]) == approx((0.75, 175 / 900)) and cal["mean_logprob"]["meets_target"]
     # min_logprob and the entropies are constant: only "always at step 1" reaches 0.75, at a
     # cost above the large model alone's (it pays for a draft): the answer is the large model alone
@@ -207,7 +209,41 @@ def test_calibrated_baselines_by_hand(hand_eval):
     assert cmp_["ci"] == pytest.approx([0.0, 0.0], abs=1e-12)
     md = (hand_eval[0] / "eval" / "eval.md").read_text()
     assert md.index("| calibrated router |") < md.index("chosen in hindsight on the test questions")
-    assert "| mean_logprob | -1 | 0.750" in md
+    assert "| mean_logprob | -0.75 | 0.750" in md
+
+
+def test_calibrated_knobs_in_eval_json_reproduce_their_calibration(tmp_path):
+    """Every knob eval.json's `calibrated` records (policy, random, the handcrafted routers, in
+    the statistic's own units), applied again to the calibration table, gives exactly the
+    calibration accuracy and cost recorded beside it; a threshold also after rounding to
+    float32, since none sits on a value of its statistic."""
+    calib_recs, test_recs = make_records(300, 61, id_prefix="c"), make_records(200, 62, id_prefix="t")
+    calib_path, test_path = write_jsonl(tmp_path / "calib.jsonl", calib_recs), write_jsonl(tmp_path / "test.jsonl", test_recs)
+    dollars = SimpleNamespace(prompt_cost=0.0, price_small=DOLLARS[1:3], price_large=DOLLARS[4:6], price_prm=None)
+    calib = tp.load_table(calib_path, dollars)          # costs whose sums depend on the order
+    policy, _ = tp.train(tp.build_table(make_records(300, 63, id_prefix="tr"), calib.pricing), 0.9, iters=30)
+    tp.save_policy(tmp_path / "p.pt", policy, {})
+    assert cb.main(["--policy", str(tmp_path / "p.pt"), "--data", calib_path, "--target-relative", "0.9",
+                    "--out", str(tmp_path / "cal.json"), *DOLLARS]) == 0
+    assert ev.main(["--data", test_path, "--policy", str(tmp_path / "p.pt"), "--calibration",
+                    str(tmp_path / "cal.json"), "--calib-data", calib_path, "--out", str(tmp_path / "e"),
+                    "--bootstrap", "0", *DOLLARS]) == 0
+    calibrated = json.loads((tmp_path / "e" / "eval.json").read_text())["calibrated"]
+    thresholds = 0
+    for name, pt in calibrated.items():
+        if pt["knob"] is None:
+            continue
+        sign = ev.HANDCRAFTED[name][1] if name in ev.HANDCRAFTED else 1
+        knobs = [pt["knob"]] + ([] if name == "random" else [torch.tensor(pt["knob"], dtype=torch.float32).item()])
+        for knob in knobs:
+            got = ev.aggregate(calib, ev.apply_knob(calib, name, sign * knob, policy))
+            assert (got["accuracy"].item(), got["relative_cost"].item()) == \
+                (pt["calibration_accuracy"], pt["calibration_relative_cost"]), (name, knob)
+        if name != "random":
+            thresholds += 1
+            values = (sign * ev.method_scores(calib, name, policy))[calib.mask]
+            assert not (values == sign * pt["knob"]).any(), name
+    assert thresholds >= 3
 
 
 def test_calibrated_on_other_questions_judged_on_the_test_large_model(hand_eval, tmp_path):
