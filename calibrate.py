@@ -212,10 +212,17 @@ def chosen_point(table: Table, out, spec: dict) -> dict:
     return {**point, "target": target, "meets_target": point["accuracy"] >= target - 1e-12}
 
 
-def format_kappa(k) -> str:
-    """Enough digits to tell any two thresholds apart (the shortest exact repr); None is the
-    large model alone."""
-    return "large alone" if k is None else repr(float(k))
+def format_kappa(k, digits: int = 4) -> str:
+    """A threshold in `digits` significant digits (calibration.json keeps every digit); None
+    is the large model alone."""
+    return "large alone" if k is None else f"{float(k):.{digits}g}"
+
+
+def kappa_digits(kappas, least: int = 4) -> int:
+    """The fewest significant digits, at least `least`, that print the distinct thresholds
+    `kappas` apart (17 tell any two doubles apart)."""
+    ks = {float(k) for k in kappas}
+    return next((d for d in range(least, 17) if len({format_kappa(k, d) for k in ks}) == len(ks)), 17)
 
 
 def sha256(path) -> str:
@@ -335,10 +342,12 @@ def main(argv=None):
     print(f"{plural(table.Q, 'calibration question')}; large accuracy {large_acc:.4f}, small "
           f"{table.small_correct.mean():.4f}; target {target:.4f} {target_spec}; "
           f"{plural(len(grid), 'threshold')}")
-    print(f"{'kappa':>22} {'accuracy':>9} {'rel.cost':>9}")
     centre = 0 if chosen is None else chosen
-    for i in range(max(0, centre - 5), min(len(grid), centre + 6)):
-        print(f"{format_kappa(grid[i].item()):>22} {acc[i].item():9.4f} {cost[i].item():9.4f}"
+    shown = range(max(0, centre - 5), min(len(grid), centre + 6))
+    digits = kappa_digits(grid[shown.start:shown.stop].tolist())
+    print(f"{'kappa':>12} {'accuracy':>9} {'rel.cost':>9}")
+    for i in shown:
+        print(f"{format_kappa(grid[i].item(), digits):>12} {acc[i].item():9.4f} {cost[i].item():9.4f}"
               f"{'  <- chosen' if i == chosen else ''}")
 
     cal = {"kappa": result["knob"], "fallback": None if chosen is not None else "large",
@@ -362,7 +371,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(cal, indent=2) + "\n", encoding="utf-8")
-    print(f"kappa {format_kappa(cal['kappa'])}: accuracy {cal['accuracy']:.4f} (target {target:.4f}, "
+    print(f"kappa {format_kappa(cal['kappa'], digits)}: accuracy {cal['accuracy']:.4f} (target {target:.4f}, "
           f"{'met' if met else 'NOT met by any kappa'}), relative cost {cal['relative_cost']:.4f}; wrote {out}")
     return 0
 

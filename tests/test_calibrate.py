@@ -226,12 +226,15 @@ def test_degenerate_calibration_warns(trained, tmp_path, capsys):
     assert cb.degenerate_warning(table_of(make_records(40, 42)), 0.5) is None
 
 
-def test_kappas_print_apart():
+def test_kappas_print_readably_and_apart():
     a = 0.7310585786300049
     b = math.nextafter(a, 1.0)
-    assert cb.format_kappa(a) != cb.format_kappa(b)
-    assert float(cb.format_kappa(a)) == a and float(cb.format_kappa(1 - 1e-12)) == 1 - 1e-12
-    assert cb.format_kappa(None) == "large alone"
+    assert cb.format_kappa(a) == "0.7311" and cb.format_kappa(None) == "large alone"
+    assert cb.kappa_digits([0.25, 0.7310585786300049, 0.9]) == 4
+    assert cb.kappa_digits([0.73101, 0.73104]) == 5
+    d = cb.kappa_digits([a, b])          # neighbouring doubles: as many digits as it takes
+    assert d > 12 and cb.format_kappa(a, d) != cb.format_kappa(b, d)
+    assert cb.format_kappa(a, d - 1) == cb.format_kappa(b, d - 1)
 
 
 def test_stored_threshold_sits_between_scores_and_reproduces_in_float32():
@@ -254,7 +257,7 @@ def test_stored_threshold_sits_between_scores_and_reproduces_in_float32():
     below, above = values[values < knob].max().item(), values[values > knob].min().item()
     assert below < knob < above and knob == (below + above) / 2
     reported = (res["accuracy"], res["relative_cost"])
-    for k in (knob, torch.tensor(knob, dtype=torch.float32).item(), float(f"{knob:.6g}"),
+    for k in (knob, torch.tensor(knob, dtype=torch.float32).item(), float(cb.format_kappa(knob)),
               json.loads(json.dumps(knob))):
         again = tb.score_routes(tab, cb.first_crossing(scores, tab.mask, torch.tensor([k], dtype=torch.float64)))
         assert (again["accuracy"].item(), again["relative_cost"].item()) == reported, k
@@ -269,9 +272,10 @@ def test_stored_threshold_sits_between_scores_and_reproduces_in_float32():
     assert len(grid) == len(values) + 1
 
 
-def test_calibration_json_reproduces_its_point(trained):
+def test_calibration_json_reproduces_its_point(trained, capsys):
     """kappa as read back from calibration.json (and rounded to float32), applied to the
-    calibration table, gives exactly the accuracy and relative cost recorded beside it."""
+    calibration table, gives exactly the accuracy and relative cost recorded beside it; the
+    printed thresholds are short."""
     d, policy, *_ = trained
     dollars = ["--price-small", "0.3,1.1", "--price-large", "0.7,9.3"]
     calib = tp.load_table(d / "calib.jsonl", cb.build_parser().parse_args(
@@ -289,6 +293,14 @@ def test_calibration_json_reproduces_its_point(trained):
             got = tb.score_routes(calib, cb.first_crossing(p, calib.mask, torch.tensor([k], dtype=torch.float64)))
             assert (got["accuracy"].item(), got["relative_cost"].item()) == \
                 (cal["accuracy"], cal["relative_cost"]), (delta, k)
+        printed = capsys.readouterr().out.splitlines()
+        start = printed.index(f"{'kappa':>12} {'accuracy':>9} {'rel.cost':>9}") + 1
+        rows = printed[start:-1]
+        kappas = [r.split()[0] for r in rows]
+        assert len(rows) >= 2 and len(set(kappas)) == len(kappas)     # told apart ...
+        assert all(len(k) <= 10 for k in kappas), kappas               # ... in a few digits, not 17
+        chosen = next(r.split()[0] for r in rows if r.endswith("<- chosen"))
+        assert printed[-1].startswith(f"kappa {chosen}: ")
 
 
 def test_overlap_with_training_questions_is_refused(tmp_path):
