@@ -74,15 +74,22 @@ def choose(acc, cost, n, target, delta, gen=None):
                                {"accuracy": target}, delta, chunk=7)
 
 
-def test_delta_choice_is_never_cheaper_than_plain():
+def test_plain_choice_is_the_cheapest_meeting_and_delta_never_cheaper():
     gen = torch.Generator().manual_seed(1)
     for trial in range(30):
         K, n = 40, 200
         acc = torch.sort(torch.rand(K, generator=gen) * 0.4 + 0.6, descending=True).values
-        acc = torch.round(acc * n) / n
+        acc = torch.round(acc.double() * n) / n      # float64: compared with the target in float64
         cost = torch.linspace(1.0, 0.2, K, dtype=torch.float64) + 0.05 * torch.rand(K, generator=gen)
         target = 0.6 + 0.35 * trial / 30
         plain = choose(acc, cost, n, target, None)
+        # the plain rule, against a brute-force loop: the cheapest threshold that meets the target
+        meeting = [i for i in range(K) if acc[i].item() >= target - 1e-12]
+        if not meeting:
+            assert plain is None
+        else:
+            assert plain == min(meeting, key=lambda i: cost[i].item())
+            assert acc[plain].item() >= target - 1e-12
         for delta in (0.01, 0.1, 0.5):
             strict = choose(acc, cost, n, target, delta)
             if strict is not None:
