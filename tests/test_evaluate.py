@@ -144,9 +144,70 @@ def test_calibrated_point_exact(hand_eval):
     assert (pc["accuracy"], pc["relative_cost"]) == approx((0.75, 175 / 900))
     assert pc["target"] == 0.75 and pc["meets_target"] is True
     assert pc["escalation_step_counts"] == [0, 1, 0, 2]     # a at step 2; b, d never (c has no steps)
-    lo, hi = pc["ci"]["accuracy"]
-    assert lo <= pc["accuracy"] <= hi and 0 <= pc["meets_target_share"] <= 1
+    # the intervals, brute force on the same 200 resamples: a at step 2 (120), b never (15), c
+    # (0), d never (40); right: a, b, c; all-large costs 200, 300, 0, 400
+    counts = ev.bootstrap_counts(4, 200, 0).tolist()
+    acc = [sum(k * r for k, r in zip(row, [1, 1, 1, 0])) / 4 for row in counts]
+    cost = [sum(k * c for k, c in zip(row, [120, 15, 0, 40])) / sum(k * c for k, c in zip(row, [200, 300, 0, 400]))
+            for row in counts]
+    assert pc["ci"]["accuracy"] == pytest.approx(percentiles(acc), abs=1e-12)
+    assert pc["ci"]["relative_cost"] == pytest.approx(percentiles(cost), abs=1e-12)
+    large = [sum(k * r for k, r in zip(row, [1, 1, 1, 0])) / 4 for row in counts]   # a, b, c right
+    assert pc["meets_target_share"] == sum(x >= 1.0 * y - 1e-12 for x, y in zip(acc, large)) / 200
     assert has(res["methods"]["policy"], (0.75, 175 / 900))
+
+
+def percentiles(xs, qs=(0.025, 0.975)):
+    """Percentiles by linear interpolation between order statistics (what torch.quantile and
+    numpy's default do), by hand."""
+    s = sorted(xs)
+    out = []
+    for q in qs:
+        pos = q * (len(s) - 1)
+        f = math.floor(pos)
+        c = min(f + 1, len(s) - 1)
+        out.append(s[f] + (s[c] - s[f]) * (pos - f))
+    return out
+
+
+def test_bootstrap_against_brute_force():
+    """Resampled accuracy and relative cost, their 95% intervals, and the paired interval of a
+    cost difference between two DIFFERENT routes, against loops over the resampled questions
+    (each question repeated as often as the resample drew it)."""
+    tab = tp.build_table(make_records(30, 71), tb.Pricing(0.0, 1e-6, 0.0, 1e-5, unit="dollars"))
+    counts = ev.bootstrap_counts(tab.Q, 300, 5)
+    assert (counts.sum(1) == tab.Q).all() and counts.mean().item() == 1.0
+    assert 0.9 < (counts > 0).double().mean().item() / (1 - (1 - 1 / tab.Q) ** tab.Q) < 1.1
+    never = tb.route_outcomes(tab, torch.full((1, tab.Q), tab.T))
+    first = tb.route_outcomes(tab, torch.zeros(1, tab.Q, dtype=torch.long))
+    acc_b, cost_b = ev.boot_scores(counts, tab, {k: torch.cat([never[k], first[k]]) for k in never})
+    large = tab.large_cost.tolist()
+    rows = counts.tolist()
+    for j, out in enumerate((never, first)):
+        correct, cost = out["correct"][0].tolist(), out["cost"][0].tolist()
+        acc = [sum(k * c for k, c in zip(row, correct)) / tab.Q for row in rows]
+        rel = [sum(k * c for k, c in zip(row, cost)) / sum(k * c for k, c in zip(row, large)) for row in rows]
+        assert acc_b[:, j].tolist() == pytest.approx(acc, abs=1e-12)
+        assert cost_b[:, j].tolist() == pytest.approx(rel, rel=1e-12)
+        assert ev.interval(acc_b[:, j]) == pytest.approx(percentiles(acc), abs=1e-12)
+        assert ev.interval(cost_b[:, j]) == pytest.approx(percentiles(rel), rel=1e-12)
+    # the paired interval of "never" minus "always at step 1": one resample, both routes
+    a, b = never["cost"][0].tolist(), first["cost"][0].tolist()
+    diff = [sum(k * (x - y) for k, x, y in zip(row, a, b)) / sum(k * c for k, c in zip(row, large)) for row in rows]
+    lo, hi = ev.paired_cost_interval(counts, tab, never["cost"][0], first["cost"][0])
+    assert [lo, hi] == pytest.approx(percentiles(diff), rel=1e-12) and lo < hi < 0
+    # where every question is the same, every resample is the same: intervals of width 0
+    same = tp.build_table([{**make_records(1, 72)[0], "id": f"s/{i}", "question": f"same {i}?"} for i in range(12)],
+                          tab.pricing)
+    c12 = ev.bootstrap_counts(12, 100, 0)
+    out = tb.route_outcomes(same, torch.zeros(1, 12, dtype=torch.long))
+    acc_s, cost_s = ev.boot_scores(c12, same, out)
+    for samples, value in ((acc_s[:, 0], out["correct"].mean()), (cost_s[:, 0], same.relative_cost(out["cost"][0]))):
+        lo, hi = ev.interval(samples)
+        assert lo == pytest.approx(value.item(), abs=1e-12) and hi == pytest.approx(value.item(), abs=1e-12)
+    never_s = tb.route_outcomes(same, torch.full((1, 12), same.T))
+    assert ev.paired_cost_interval(c12, same, out["cost"][0], never_s["cost"][0]) == \
+        pytest.approx([same.relative_cost(out["cost"][0] - never_s["cost"][0]).item()] * 2, abs=1e-12)
 
 
 def test_eval_json_format_and_files(hand_eval):
