@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,28 +88,58 @@ def validate_record(rec, where: str, small_only: bool = False) -> dict:
     return rec
 
 
+GZIP_MAGIC, ZIP_MAGIC = b"\x1f\x8b", b"PK\x03\x04"
+
+
+def check_table_file(path: Path, appending: bool = False) -> None:
+    """Refuse, in one line naming the file, what its first bytes show is no JSONL table: a zip
+    archive (a policy file from train_policy.py is one); to read, a .gz name on plain text or
+    gzip content under another name; to append to (rollout.py --out), any gzip content."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC:
+        raise UsageError(f"{path}: a zip archive (a policy file from train_policy.py?), not a "
+                         "trajectory table (JSONL from rollout.py)")
+    gz_named, gz_content = path.suffix == ".gz", head[:2] == GZIP_MAGIC
+    if appending:
+        if gz_content:
+            raise UsageError(f"{path}: gzip-compressed; rollout.py appends only to a plain JSONL table")
+    elif gz_named and head and not gz_content:
+        raise UsageError(f"{path}: named .gz but not gzip-compressed (plain text? name it .jsonl)")
+    elif gz_content and not gz_named:
+        raise UsageError(f"{path}: gzip-compressed but not named .gz (name it .jsonl.gz)")
+
+
 def read_table(path, small_only: bool = False) -> list[dict]:
     """Read a schema-1 trajectory table (JSONL, or .jsonl.gz). Clear one-line errors on any bad
-    line. `small_only`: probe data, whose lines need no escalations (validate_record)."""
+    line, and on a file that is no table (check_table_file; not UTF-8; a damaged .gz).
+    `small_only`: probe data, whose lines need no escalations (validate_record)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
+    check_table_file(path)
     records, seen = [], set()
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
-            validate_record(rec, where, small_only)
-            if rec["id"] in seen:
-                raise UsageError(f"{where}: duplicate id {rec['id']!r}")
-            seen.add(rec["id"])
-            records.append(rec)
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"{where}: not valid JSON ({err.msg})") from None
+                validate_record(rec, where, small_only)
+                if rec["id"] in seen:
+                    raise UsageError(f"{where}: duplicate id {rec['id']!r}")
+                seen.add(rec["id"])
+                records.append(rec)
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text (a binary file?), not a trajectory table "
+                         "(JSONL from rollout.py)") from None
+    except (OSError, EOFError, zlib.error) as err:   # a damaged .gz: BadGzipFile (OSError), cut off
+        raise UsageError(f"{path}: unreadable ({err})") from None
     if not records:
         raise UsageError(f"{path}: the table has no questions")
     return records
@@ -123,19 +154,30 @@ def find_table(folder, name: str):
 
 
 def done_ids(path) -> set[str]:
-    """Ids already in an output table (for resuming). A torn last line is dropped."""
+    """Ids already in an output table (for resuming). A torn last line (a crash mid-write:
+    the start of a JSON object without its newline) is cut off. Anything else that is no
+    table line, a whole line or a tail, is refused in one line and the file left as it is:
+    it is not a table this code wrote (a policy file, a question file, a .gz table)."""
     path = Path(path)
     if not path.exists():
         return set()
+    check_table_file(path, appending=True)
     ids, good_bytes = set(), 0
     with path.open("rb") as f:
-        for raw in f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():                             # a blank line (read_table skips it)
+                good_bytes += len(raw)
+                continue
             if not raw.endswith(b"\n"):
-                break
+                if raw.lstrip().startswith(b"{"):
+                    break                                   # the torn tail
+                raise UsageError(f"{path}:{lineno}: not a trajectory table line; choose another --out")
             try:
                 ids.add(json.loads(raw)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                break
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+                why = f"no {err}" if isinstance(err, KeyError) else type(err).__name__
+                raise UsageError(f"{path}:{lineno}: not a trajectory table line ({why}); choose "
+                                 f"another --out") from None
             good_bytes += len(raw)
     if good_bytes != path.stat().st_size:  # a crash mid-write: cut the torn tail off
         with path.open("r+b") as f:

@@ -434,7 +434,12 @@ def test_bad_inputs_exit_2_with_one_line(hand_eval, tmp_path):
         (["--data", data, "--policy", str(tmp_path / "other.pt"), "--calibration", str(d / "cal.json")],
          f"{d / 'cal.json'} was made for policy"),
         (["--data", str(tmp_path / "missing.jsonl")], f"{tmp_path / 'missing.jsonl'}: no such file"),
+        (["--data", str(d / "policy.pt")], f"{d / 'policy.pt'}: a zip archive (a policy file from train_policy.py?)"),
+        (["--data", data, "--policy", str(d / "policy.pt"), "--calibration", str(d / "cal.json"),
+          "--calib-data", str(tmp_path / "plain.jsonl.gz"), "--allow-overlap"],
+         f"{tmp_path / 'plain.jsonl.gz'}: named .gz but not gzip-compressed"),
     ]
+    (tmp_path / "plain.jsonl.gz").write_text((d / "hand.jsonl").read_text())
     runs = run_parallel([["evaluate.py", *argv, "--out", str(tmp_path / "e"), *DOLLARS] for argv, _ in cases],
                         cwd=ROOT)
     for res, (_, message) in zip(runs, cases):

@@ -180,6 +180,54 @@ def test_bad_table_lines_are_named(tmp_path):
         read_table(t)
 
 
+def test_resuming_refuses_what_is_no_table_and_leaves_it_as_it_was(tmp_path):
+    """--out is appended to after done_ids() cuts a torn last line off. A file that is no
+    table (a policy, a question file, a gzip table) or a table with a bad whole line is refused
+    in one line and left as it was (before, everything from the first bad line on was cut)."""
+    import gzip
+    import re
+    import train_policy
+    from table import check_resumable, done_ids
+    policy = tmp_path / "policy.pt"
+    train_policy.save_policy(policy, train_policy.Policy(hidden=[4]), {})
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "1+1?", "answer": "2"}\n')
+    gz = tmp_path / "t.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"id": "a"}\n'))
+    middle = tmp_path / "middle.jsonl"
+    middle.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\x80\x04\x95 no newline")
+    for path, message in [(policy, f"{policy}: a zip archive"),
+                          (questions, f"{questions}:1: not a trajectory table line (no 'id')"),
+                          (gz, f"{gz}: gzip-compressed"),
+                          (middle, f"{middle}:2: not a trajectory table line (JSONDecodeError)"),
+                          (binary, f"{binary}:1: not a trajectory table line")]:
+        before = path.read_bytes()
+        with pytest.raises(UsageError, match=re.escape(message)):
+            check_resumable([path], {}, {})
+        assert path.read_bytes() == before, path
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text('{"id": "a"}\n\n{"id": "b"}\n{"id": "c", "sma')
+    assert done_ids(torn) == {"a", "b"} and torn.read_text() == '{"id": "a"}\n\n{"id": "b"}\n'
+
+
+def test_out_that_is_a_policy_file_is_refused_and_kept(tiny_pool, tmp_path):
+    import train_policy
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1+1?", "answer": "2"}\n')
+    policy = tmp_path / "policy.pt"
+    train_policy.save_policy(policy, train_policy.Policy(hidden=[4]), {})
+    before = policy.read_bytes()
+    r = run_rollout("--dataset", str(data), "--out", str(policy), "--small", str(tiny_pool["small"]),
+                    "--large", str(tiny_pool["small"]), "--max-new-tokens", "8")
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == f"rollout.py: error: {policy}: a zip archive (a policy file from train_policy.py?), " \
+                       f"not a trajectory table (JSONL from rollout.py)"
+    assert policy.read_bytes() == before
+
+
 def test_a_gzipped_table_reads_the_same(tiny_table, tmp_path):
     import gzip
     gz = tmp_path / "t.jsonl.gz"

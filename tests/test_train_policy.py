@@ -262,10 +262,21 @@ def test_bad_tables_exit_2_with_one_line(tmp_path):
         tp.main(argv("empty"))
     with pytest.raises(UsageError, match="no small steps"):
         tp.main(argv("nosteps"))
-    cases = {"schema2": "schema2.jsonl:1: schema 2, this code reads schema 1",
-             "badline": "badline.jsonl:2: not valid JSON"}
-    results = run_parallel([["train_policy.py", *argv(name)] for name in cases], cwd=ROOT)
+    # files that are no table: a policy file, plain text named .gz, gzip named .jsonl, binary
+    tp.save_policy(tmp_path / "policy.pt", tp.Policy(hidden=[4]), {})
+    (tmp_path / "plain.jsonl.gz").write_text(good + "\n")
+    (tmp_path / "zipped.jsonl").write_bytes(__import__("gzip").compress((good + "\n").encode()))
+    (tmp_path / "binary.jsonl").write_bytes(b"\x80\x04\x95" + bytes(range(256)))
+    cases = {"schema2.jsonl": "schema2.jsonl:1: schema 2, this code reads schema 1",
+             "badline.jsonl": "badline.jsonl:2: not valid JSON",
+             "policy.pt": f"{tmp_path / 'policy.pt'}: a zip archive (a policy file from train_policy.py?)",
+             "plain.jsonl.gz": f"{tmp_path / 'plain.jsonl.gz'}: named .gz but not gzip-compressed",
+             "zipped.jsonl": f"{tmp_path / 'zipped.jsonl'}: gzip-compressed but not named .gz",
+             "binary.jsonl": f"{tmp_path / 'binary.jsonl'}: not UTF-8 text"}
+    results = run_parallel([["train_policy.py", "--train", str(tmp_path / name), "--target-relative", "0.9",
+                             "--out", str(tmp_path / f"out-{name}.pt")] for name in cases], cwd=ROOT)
     for (name, message), res in zip(cases.items(), results):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, (name, res.stderr)
         assert lines[0].startswith("train_policy.py: error: ") and message in lines[0], lines[0]
+
