@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cli import UsageError, check_range
+from cli import UsageError, check_range, plural
 
 if TYPE_CHECKING:
     import torch  # the table's tensors; imported where used, so that reading a file needs no torch
@@ -323,9 +323,28 @@ def prm_price_from_args(args, pricing: Pricing, records: list[dict]) -> float | 
 
 
 def load_records(path, args) -> tuple:
-    """read_table + the pricing flags -> (records, Pricing)."""
+    """read_table + the pricing flags -> (records, Pricing), with a one-line warning on stderr
+    where the large model gets none of the table's questions right (train_policy.py,
+    calibrate.py and evaluate.py read their tables here)."""
     records = read_table(path)
-    return records, pricing_from_args(args, records)
+    pricing = pricing_from_args(args, records)
+    warning = large_wrong_warning(records, path)
+    if warning:
+        print(warning, file=sys.stderr)
+    return records, pricing
+
+
+def large_wrong_warning(records: list[dict], path) -> str | None:
+    """A line where the large model (the small outcome where a question has no steps, as in
+    Table) gets no question right: a relative target is then 0, which every router meets, and
+    the large model is no reference; most likely the grading or the gold answers are off."""
+    right = sum(bool(r["escalations"][0]["correct"] if r["escalations"] else r["small"]["correct"])
+                for r in records)
+    if right:
+        return None
+    return (f"warning: {path}: the large model gets none of the {plural(len(records), 'question')} "
+            f"right: a relative target is 0 there and every router meets it; check the gold "
+            f"answers and the grading (data.py), or the pool")
 
 
 # ----------------------------------------------------------------------------------------

@@ -223,8 +223,10 @@ def test_degenerate_calibration_warns(trained, tmp_path, capsys):
     assert cb.main(["--policy", str(d / "policy.pt"), "--data", data, "--target-relative", "0.9",
                     "--out", str(tmp_path / "c.json")]) == 0
     err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning")]
-    assert len(err) == 1 and "the target is 0" in err[0] and "0 of 3" in err[0]
-    assert json.loads((tmp_path / "c.json").read_text())["warning"] == err[0]
+    # the table's warning (every stage reading it says so), then what it means for the calibration
+    assert len(err) == 2 and err[0].startswith(f"warning: {data}: the large model gets none of the 3")
+    assert "the target is 0" in err[1] and "0 of 3" in err[1]
+    assert json.loads((tmp_path / "c.json").read_text())["warning"] == err[1]
     ok = write_jsonl(tmp_path / "ok.jsonl", make_records(3, 41, id_prefix="few2"))
     assert cb.main(["--policy", str(d / "policy.pt"), "--data", ok, "--target-relative", "0.9",
                     "--out", str(tmp_path / "c2.json")]) == 0

@@ -413,6 +413,18 @@ def test_oracle_never_beaten_on_synthetic(tmp_path):
         assert has(res["methods"][name], point(res["methods"]["small"][0]))
 
 
+def test_a_table_whose_large_model_gets_nothing_right_warns(tmp_path, capsys):
+    recs = hand_records()
+    for r in recs:
+        for e in r["escalations"]:
+            e["correct"] = False
+    recs[2]["small"]["correct"] = False                 # c (no steps): the large model's outcome is the small one
+    data = write_jsonl(tmp_path / "wrong.jsonl", recs)
+    assert ev.main(["--data", data, "--out", str(tmp_path / "e"), "--bootstrap", "0", *DOLLARS]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {data}: the large model gets none of the 4 questions right")
+
+
 def test_bad_inputs_exit_2_with_one_line(hand_eval, tmp_path):
     d, _ = hand_eval
     other = tp.Policy(["step"], hidden=[4])

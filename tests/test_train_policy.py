@@ -280,3 +280,19 @@ def test_bad_tables_exit_2_with_one_line(tmp_path):
         assert res.returncode == 2 and len(lines) == 1, (name, res.stderr)
         assert lines[0].startswith("train_policy.py: error: ") and message in lines[0], lines[0]
 
+
+def test_a_table_whose_large_model_gets_nothing_right_warns(tmp_path, capsys):
+    recs = make_records(40, 3)
+    for r in recs:
+        for e in r["escalations"]:
+            e["correct"] = False
+    data = write_jsonl(tmp_path / "wrong.jsonl", recs)
+    assert tp.main(["--train", data, "--target-accuracy", "0.5", "--iters", "2",
+                    "--out", str(tmp_path / "p.pt")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: {data}: the large model gets none of the 40 questions right: a relative "
+                   f"target is 0 there and every router meets it; check the gold answers and the "
+                   f"grading (data.py), or the pool"]
+    ok = write_jsonl(tmp_path / "ok.jsonl", make_records(40, 4, id_prefix="ok"))
+    assert tp.main(["--train", ok, "--target-accuracy", "0.5", "--iters", "2", "--out", str(tmp_path / "q.pt")]) == 0
+    assert capsys.readouterr().err == ""
