@@ -26,8 +26,13 @@ How (docs/DESIGN.md, "Backends"):
   that allow neither). The table records which one was used.
 - Many requests are in flight at once (`concurrency`); a request that meets 429, 5xx, a
   timeout or a dropped connection is retried with exponential backoff and jitter, honouring
-  Retry-After; a server that stays down ends the run with one line. Token counts come from
-  the responses' `usage`.
+  Retry-After; a server that stays down ends the run with one line. A server that refuses or
+  drops connections is down once it has done so for DOWN_AFTER seconds (a bound on the
+  retries, which --max-retries' backoff alone would stretch past a minute), and one that
+  stops listening while it holds connections open (llama.cpp's server after SIGTERM) is
+  found by a watchdog (`Connections`) that shuts them, so that the run ends with its line
+  within a minute, not at the 600 s read timeout. Token counts come from the responses'
+  `usage`.
 - The key comes from an environment variable (OPENAI_API_KEY unless told otherwise) and is
   never written to a table, a log or an error.
 
@@ -41,8 +46,10 @@ import math
 import os
 import queue
 import random
+import socket
 import threading
 import time
+import weakref
 from urllib.parse import urlparse
 
 from cli import UsageError
@@ -53,6 +60,8 @@ INSTRUCTION = ("Below is the beginning of a solution to this problem. Continue i
                "where it stops, without repeating what is already written, and put your final "
                "answer within \\boxed{}.\n\nBeginning of the solution:\n\n")
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+DOWN_AFTER = 20.0    # seconds of refused or dropped connections after which a server is down
+PROBE_EVERY = 5.0    # seconds between the watchdog's checks that a server still listens
 
 
 class ServerError(UsageError):
@@ -153,6 +162,94 @@ def run_concurrently(fn, items: list, workers: int, on_done=None) -> list:
     return results
 
 
+def tracked_pool_classes(live: weakref.WeakSet) -> dict:
+    """urllib3 pool classes (per scheme) whose every connection is added to `live`."""
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def tracked(base):
+        class Tracked(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                live.add(self)
+        return Tracked
+
+    class Http(HTTPConnectionPool):
+        ConnectionCls = tracked(HTTPConnection)
+
+    class Https(HTTPSConnectionPool):
+        ConnectionCls = tracked(HTTPSConnection)
+
+    return {"http": Http, "https": Https}
+
+
+class Connections:
+    """The connections of one server's sessions, and a watchdog over them. While requests are
+    in flight (begin/end), every PROBE_EVERY seconds it checks that the server still listens
+    (a TCP connect to its host and port). Where nothing listens twice in a row (the server
+    died, or is shutting down: llama.cpp's server, after SIGTERM, closes its port but holds
+    the connections it has without answering them), it shuts every connection, so that a
+    request waiting for its answer fails at once, as one whose connection the server closed
+    does, and is retried (then refused: the server is down) instead of waiting out the read
+    timeout. A slow connect (a busy server's full backlog) is not taken for a dead server."""
+
+    def __init__(self, url: str):
+        parsed = urlparse(url)
+        self.address = (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80))
+        self.live, self.lock = weakref.WeakSet(), threading.Lock()
+        self.pools = tracked_pool_classes(self.live)
+        self.in_flight, self.watching = 0, False
+
+    def session(self, requests):
+        """A requests.Session whose direct connections are tracked here."""
+        session = requests.Session()
+        for adapter in session.adapters.values():
+            adapter.poolmanager.pool_classes_by_scheme = self.pools
+        return session
+
+    def begin(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+            if not self.watching:
+                self.watching = True
+                threading.Thread(target=self._watch, daemon=True).start()
+
+    def end(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    def _watch(self) -> None:
+        failed = 0
+        while True:
+            time.sleep(PROBE_EVERY)
+            with self.lock:
+                if self.in_flight <= 0:
+                    self.watching = False
+                    return
+            failed = 0 if self.listening() else failed + 1
+            if failed >= 2:
+                self.shut_all()
+                failed = 0
+
+    def listening(self) -> bool:
+        try:
+            socket.create_connection(self.address, timeout=PROBE_EVERY).close()
+        except TimeoutError:
+            return True
+        except OSError:
+            return False
+        return True
+
+    def shut_all(self) -> None:
+        for conn in list(self.live):
+            sock = getattr(conn, "sock", None)
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 class ApiModel:
     """A model of the pool served by an OpenAI-compatible server."""
 
@@ -174,6 +271,7 @@ class ApiModel:
         self.top_logprobs, self.concurrency = top_logprobs, concurrency
         self.timeout, self.max_retries, self.backoff, self.seed = timeout, max_retries, backoff, seed
         self._requests, self._local = requests, threading.local()
+        self._connections = Connections(url)
         key = None
         if api_key_env is not None:  # named explicitly: it must be there
             key = os.environ.get(api_key_env)
@@ -206,24 +304,31 @@ class ApiModel:
     @property
     def _session(self):
         if not hasattr(self._local, "session"):
-            self._local.session = self._requests.Session()
+            self._local.session = self._connections.session(self._requests)
         return self._local.session
 
     def _call(self, method: str, url: str, body=None, tries: int | None = None,
               stream: bool = False):
         """One request, retried on 429/5xx/timeouts/dropped connections with exponential
-        backoff and jitter (Retry-After honoured). Returns the response (status < 400)."""
+        backoff and jitter (Retry-After honoured). Returns the response (status < 400).
+        Refused or dropped connections end a try at once and are retried for at most
+        DOWN_AFTER seconds from the first: then the server is down (one line)."""
         req = self._requests
         tries = self.max_retries + 1 if tries is None else tries
-        last = "no answer"
+        last, down_since, start = "no answer", None, time.monotonic()
         for attempt in range(tries):
             wait = None
+            self._connections.begin()
             try:
                 r = self._session.request(method, url, json=body, headers=self._headers,
                                           timeout=(10, self.timeout), stream=stream)
-            except (req.ConnectionError, req.Timeout) as err:
+            except (req.ConnectionError, req.exceptions.ChunkedEncodingError) as err:
+                last = f"{type(err).__name__}: no connection, or it closed without an answer"
+                down_since = time.monotonic() if down_since is None else down_since
+            except req.Timeout as err:
                 last = f"{type(err).__name__}"
             else:
+                down_since = None                  # an answer: the server is there
                 if r.status_code < 400:
                     return r
                 detail = _error_text(r)
@@ -239,12 +344,18 @@ class ApiModel:
                         wait = min(float(after), 120.0)
                     except ValueError:
                         wait = None
+            finally:
+                self._connections.end()
             if attempt + 1 < tries:
                 if wait is None:
                     wait = min(30.0, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
+                if down_since is not None and time.monotonic() + wait - down_since > DOWN_AFTER:
+                    break
                 time.sleep(wait)
-        raise ServerError(f"{url}: no answer after {tries} tries (last: {last}); the server "
-                          "is down or overloaded - run again to resume")
+        n = attempt + 1
+        raise ServerError(f"{url}: no answer after {n} {'try' if n == 1 else 'tries'} in "
+                          f"{time.monotonic() - start:.0f} s (last: {last}); the server is down "
+                          "or overloaded - run again to resume")
 
     def _post(self, path: str, body: dict, root: bool = False) -> dict:
         r = self._call("POST", (self.root if root else self.base_url) + path, body)
@@ -386,7 +497,12 @@ class ApiDrafter:
             self.prompt_tokens = model.count_tokens(prompt)
             body = {**model._greedy(), "prompt": prompt, "logprobs": model.top_logprobs,
                     "max_tokens": max_new_tokens, "stream": True}
-            self._response = model._call("POST", model.base_url + "/completions", body, stream=True)
+            model._connections.begin()     # the stream is in flight until it ends or is closed
+            try:
+                self._response = model._call("POST", model.base_url + "/completions", body, stream=True)
+            except BaseException:
+                model._connections.end()
+                raise
             self._events = self._streamed()
         else:
             self.prompt_tokens, entries, _ = model._solve_one(question, max_new_tokens, prefix)
@@ -394,15 +510,23 @@ class ApiDrafter:
         self._next = next(self._events, None)
 
     def _streamed(self):
-        for line in self._response.iter_lines():
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return
-            for choice in json.loads(data).get("choices") or []:
-                if choice.get("logprobs"):
-                    yield from token_entries(choice["logprobs"])
+        """The token entries of the stream; a stream the server breaks off is one line."""
+        req = self.model._requests
+        try:
+            for line in self._response.iter_lines():
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                for choice in json.loads(data).get("choices") or []:
+                    if choice.get("logprobs"):
+                        yield from token_entries(choice["logprobs"])
+        except (req.ConnectionError, req.exceptions.ChunkedEncodingError) as err:
+            raise ServerError(f"{self.model.base_url}/completions: the stream broke off "
+                              f"({type(err).__name__}); the server is down") from None
+        finally:
+            self.model._connections.end()
 
     @property
     def ended(self) -> bool:
@@ -422,6 +546,7 @@ class ApiDrafter:
 
     def close(self) -> None:
         if self._response is not None:
+            self._events.close()           # the stream is no longer in flight
             self._response.close()
 
 

@@ -101,7 +101,8 @@ def add_api_args(p) -> None:
                         "(auto: the first the server allows)")
     g.add_argument("--concurrency", type=int, default=16, help="requests in flight per server (default 16)")
     g.add_argument("--max-retries", type=int, default=6,
-                   help="retries of a failed request (429, 5xx, timeouts) before the run stops (default 6)")
+                   help="retries of a failed request (429, 5xx, timeouts) before the run stops (default 6); "
+                        "a server that refuses or drops connections for 20 s is down sooner")
 
 
 def add_model_args(p, max_new_tokens: int | None = 1024, dtype: str | None = "auto",

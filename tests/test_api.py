@@ -195,10 +195,15 @@ def test_mixed_pool_small_local_large_served(server, questions, tiny_pool, tmp_p
 # ---------------------------------------------------------------------------- faults
 class FaultProxy:
     """A local HTTP proxy in front of the real server that answers the first requests to
-    /v1/completions with the faults in `plan` ("429", "500", "slow", "nologprobs", "ok")."""
+    /v1/completions with the faults in `plan` ("429", "500", "slow", "nologprobs", "ok"), and
+    the later ones with `then` ("ok" unless a test changes it): also "drop" (the connection
+    is closed without an answer, as by a server that died) and "hold" (the proxy stops
+    listening and holds the connection open without ever answering, as llama.cpp's server
+    does after SIGTERM)."""
 
     def __init__(self, upstream: str, plan: list):
-        self.upstream, self.plan, self.seen = upstream.rstrip("/"), list(plan), []
+        self.upstream, self.plan, self.seen, self.then = upstream.rstrip("/"), list(plan), [], "ok"
+        self.first_fault, self.release = None, threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -208,9 +213,16 @@ class FaultProxy:
             def _forward(self, method):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = "ok"
-                if self.path.endswith("/completions") and proxy.plan:
-                    fault = proxy.plan.pop(0)
+                if self.path.endswith("/completions"):
+                    fault = proxy.plan.pop(0) if proxy.plan else proxy.then
                 proxy.seen.append((self.path, fault))
+                if fault in ("drop", "hold"):
+                    proxy.first_fault = proxy.first_fault or time.time()
+                    if fault == "hold":      # stop listening; this connection stays open, unanswered
+                        threading.Thread(target=lambda: (proxy.httpd.shutdown(), proxy.httpd.server_close()),
+                                         daemon=True).start()
+                        proxy.release.wait()
+                    return
                 if fault in ("429", "500"):
                     self.send_response(int(fault))
                     if fault == "429":
@@ -246,7 +258,9 @@ class FaultProxy:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
+        self.release.set()
         self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def test_retries_through_429_500_and_slow_answers_give_the_same_table(server, questions, tmp_path):
@@ -310,6 +324,45 @@ def test_server_killed_mid_run_then_resumed(questions, tmp_path):
     recs = read_table(out)  # read_table refuses duplicate ids
     assert sorted(x["id"] for x in recs) == [f"q/test/{i}" for i in range(4)]
     assert [core(x) for x in recs[:len(kept)]] == [core(x) for x in kept]  # kept as they were
+
+
+@pytest.mark.parametrize("fault", ["drop", "hold"])
+def test_a_dead_server_ends_the_run_within_a_minute(fault, server, questions, tmp_path):
+    """The server goes away after the first question's line is written: its connections are
+    closed without an answer ("drop"), or it stops listening and holds the connection it has
+    open ("hold", what llama.cpp's server does after SIGTERM; before, the run waited out the
+    600 s read timeout). With the default --max-retries, the run ends soon after (within 30 s
+    for "drop": the backoff of 6 retries alone took 30-90 s), with one line, and the lines
+    written stay. Run again against the server, it resumes."""
+    proxy = FaultProxy(server.url[:-3], [])
+    out = tmp_path / "t.jsonl"
+    cmd = rollout_cmd(questions, out, proxy.url + "/v1", proxy.url + "/v1", "--concurrency", "1",
+                      "--chunk-size", "1")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 1):
+            time.sleep(0.1)
+        proxy.then = fault
+        kept = out.read_text()
+        err = proc.communicate(timeout=120)[1]
+        ended = time.time()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    assert proxy.first_fault is not None and ended - proxy.first_fault < (30 if fault == "drop" else 60)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert [x for x in lines if "error" in x] == [lines[-1]]
+    assert lines[-1].startswith("rollout.py: error: ") and "run again to resume" in lines[-1]
+    assert out.read_text().startswith(kept) and 1 <= len(read_table(out)) < 4
+    if fault == "hold":   # resumes against the server itself
+        r = run(rollout_cmd(questions, out, server.url, server.url, "--concurrency", "1"))
+        assert r.returncode == 0, r.stderr
+        recs = read_table(out)
+        assert sorted(x["id"] for x in recs) == [f"q/test/{i}" for i in range(4)]
+        assert out.read_text().startswith(kept)
 
 
 # ---------------------------------------------------------------------------- bad input
