@@ -197,7 +197,8 @@ class FaultProxy:
     """A local HTTP proxy in front of the real server that answers the first requests to
     /v1/completions with the faults in `plan` ("429", "500", "slow", "nologprobs", "ok"), and
     the later ones with `then` ("ok" unless a test changes it): also "drop" (the connection
-    is closed without an answer, as by a server that died) and "hold" (the proxy stops
+    is closed without an answer, as by a server that died), "cut" (closed half-way through
+    the answer) and "hold" (the proxy stops
     listening and holds the connection open without ever answering, as llama.cpp's server
     does after SIGTERM)."""
 
@@ -216,6 +217,13 @@ class FaultProxy:
                 if self.path.endswith("/completions"):
                     fault = proxy.plan.pop(0) if proxy.plan else proxy.then
                 proxy.seen.append((self.path, fault))
+                if fault == "cut":           # the headers, half the body, then the connection closes
+                    proxy.first_fault = proxy.first_fault or time.time()
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    self.wfile.write(b'{"choices": [')
+                    return
                 if fault in ("drop", "hold"):
                     proxy.first_fault = proxy.first_fault or time.time()
                     if fault == "hold":      # stop listening; this connection stays open, unanswered
@@ -326,14 +334,15 @@ def test_server_killed_mid_run_then_resumed(questions, tmp_path):
     assert [core(x) for x in recs[:len(kept)]] == [core(x) for x in kept]  # kept as they were
 
 
-@pytest.mark.parametrize("fault", ["drop", "hold"])
+@pytest.mark.parametrize("fault", ["drop", "cut", "hold"])
 def test_a_dead_server_ends_the_run_within_a_minute(fault, server, questions, tmp_path):
     """The server goes away after the first question's line is written: its connections are
-    closed without an answer ("drop"), or it stops listening and holds the connection it has
-    open ("hold", what llama.cpp's server does after SIGTERM; before, the run waited out the
-    600 s read timeout). With the default --max-retries, the run ends soon after (within 30 s
-    for "drop": the backoff of 6 retries alone took 30-90 s), with one line, and the lines
-    written stay. Run again against the server, it resumes."""
+    closed without an answer ("drop") or half-way through one ("cut": before, a traceback),
+    or it stops listening and holds the connection it has open ("hold", what llama.cpp's
+    server does after SIGTERM; before, the run waited out the 600 s read timeout). With the
+    default --max-retries, the run ends soon after (within 30 s where connections close: the
+    backoff of 6 retries alone took 30-90 s), with one line, and the lines written stay. Run
+    again against the server, it resumes."""
     proxy = FaultProxy(server.url[:-3], [])
     out = tmp_path / "t.jsonl"
     cmd = rollout_cmd(questions, out, proxy.url + "/v1", proxy.url + "/v1", "--concurrency", "1",
@@ -351,7 +360,7 @@ def test_a_dead_server_ends_the_run_within_a_minute(fault, server, questions, tm
         if proc.poll() is None:
             proc.kill()
         proxy.close()
-    assert proxy.first_fault is not None and ended - proxy.first_fault < (30 if fault == "drop" else 60)
+    assert proxy.first_fault is not None and ended - proxy.first_fault < (60 if fault == "hold" else 30)
     lines = err.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in err, err
     assert [x for x in lines if "error" in x] == [lines[-1]]
