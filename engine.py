@@ -113,16 +113,6 @@ class Continuation:
     finished: bool
 
 
-def cpu_has_bf16() -> bool:
-    """Does this CPU compute in bf16 natively (AVX512-BF16 or AMX)? Without it, torch
-    converts every bf16 matmul and float32 runs faster (2.3x on an AVX-512 Xeon here)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(dtype: str, device: str):
     """`auto`: float32 on a CPU, bfloat16 on a GPU (float16 on old ones). On a CPU bfloat16 is
     faster where the hardware computes in it, but its rounding then depends on which sequences

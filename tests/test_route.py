@@ -201,7 +201,7 @@ def test_missing_policy_says_how_to_get_one(trained, capsys):
     _, calib = trained
     line, _ = one_line_exit_2(["--policy", "results/nowhere/policy.pt", "--calibration",
                                str(calib), "q?"], capsys)
-    assert "results/nowhere/policy.pt: no such policy file" in line and "make demo" in line
+    assert "results/nowhere/policy.pt: no such policy file" in line and "demo.py --refresh-committed" in line
 
 
 def _fallback_accepted(calib) -> bool:
