@@ -6,6 +6,7 @@ except --probe, which reads every question once with the small model):
     python ablate.py                      # results/svamp/{train,calib,test}.jsonl -> results/svamp/ablations.{md,json}
     python ablate.py --probe              # adds the linear probe on the small model's hidden state
     python ablate.py --probe --test-after 121   # measured on the test questions after line 121 only
+    python ablate.py --drop-shared-stories      # measured on the calib/test questions whose story no training question shares
 
 For one accuracy target (--target-relative R, default 0.95: R x the large model's accuracy on
 the same questions), every variant below is trained on the train table (train_policy.train,
@@ -59,6 +60,7 @@ import torch
 
 from calibrate import calibrate_scores
 from cli import UsageError, check_range, make_parser, plural, run_cli
+from data import shares_story
 from evaluate import (HANDCRAFTED, best_handcrafted, bootstrap_counts, calibrate_baselines, calibrated_point,
                       calibration_summary, cost_to_reach, method_scores, oracle_route, paired_cost_interval)
 import probe
@@ -310,12 +312,21 @@ def f3(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def dropped_note(dropped: dict | None) -> str:
+    """The report's note on --drop-shared-stories."""
+    if not dropped:
+        return ""
+    return (f" (--drop-shared-stories: {dropped['calib']} calibration and {dropped['test']} test questions "
+            "whose story a training question shares left out)")
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# Ablations: {m['tables']}", "",
              f"Target: accuracy >= {m['target_relative']} x the large model's on the same questions; "
              f"train {m['n']['train']}, calibration {m['n']['calib']}, test {m['n']['test']} questions"
-             f"{f' (the test lines after the first {after})' if (after := m.get('test_after')) else ''}; "
+             f"{f' (the test lines after the first {after})' if (after := m.get('test_after')) else ''}"
+             f"{dropped_note(m.get('dropped_shared_stories'))}; "
              f"{m['seeds']} seeds per variant; delta {m['delta']}. Command: `{m['command']}` "
              f"({m['seconds']:.0f} s on {m['machine']}).", "",
              "Every router below was calibrated on the calibration questions and measured on the test "
@@ -393,6 +404,10 @@ def build_parser():
     p.add_argument("--test-after", type=int, default=0, metavar="N",
                    help="measure on the test table's questions after its first N lines only (e.g. those "
                         "added after a try was fixed; the probes' test AUC stays the whole table's)")
+    p.add_argument("--drop-shared-stories", action="store_true",
+                   help="measure on the test and calibration questions whose story no training question "
+                        "shares only (data.story_key: the text before the final question sentence, numbers "
+                        "masked); says how many are dropped")
     p.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                    help="paired resamples for the interval of each variant's cost minus the best handcrafted "
                         "router's (default 2000)")
@@ -459,14 +474,31 @@ def main(argv=None):
         tabs = {sl: with_columns(tabs[sl], torch.stack([probe.probe_logit(scores[label][sl]) for label in PROBE_LABELS], -1))
                 for sl in tabs}
         columns = columns + [column for _, column in PROBE_LABELS.values()]
+    def keep_only(sl, keep):   # the table's questions `keep` (and the probes' scores of them)
+        tabs[sl] = select(tabs[sl], keep)
+        for label in scores:
+            scores[label][sl] = scores[label][sl][keep]
+
     if args.test_after:   # measure on the test questions after the first N lines only (probes fitted as before)
         keep = list(range(args.test_after, tabs["test"].Q))
         if not keep:
             raise UsageError(f"--test-after {args.test_after}: {paths['test']} has {tabs['test'].Q} questions")
-        tabs["test"] = select(tabs["test"], keep)
-        for label in scores:
-            scores[label]["test"] = scores[label]["test"][keep]
+        keep_only("test", keep)
         print(f"test: the {len(keep)} questions after line {args.test_after} of {paths['test']}", flush=True)
+    dropped = None
+    if args.drop_shared_stories:   # no story on both sides: drop calib/test questions a training question's story shares
+        dropped = {}
+        for sl in ("calib", "test"):
+            first = args.test_after if sl == "test" else 0
+            shared = shares_story(records[sl][first:], records["train"])
+            keep = [i for i, s in enumerate(shared) if not s]
+            if not keep:
+                raise UsageError(f"--drop-shared-stories: every question of {paths[sl]} measured shares its "
+                                 "story with a training question")
+            keep_only(sl, keep)
+            dropped[sl] = sum(shared)
+            print(f"{sl}: {dropped[sl]} of {len(shared)} questions dropped (their story is a training "
+                  f"question's); {len(keep)} left", flush=True)
     extra_scores = {f"probe: {PROBE_LABELS[label][0]}": (s["calib"], s["test"]) for label, s in scores.items()}
     base, outs = baselines(tabs, spec, delta, extra_scores)
     best = best_handcrafted({n: base[n] for n in HANDCRAFTED})
@@ -521,7 +553,7 @@ def main(argv=None):
 
     out = Path(args.out) if args.out else tables / "ablations.md"
     result = {"meta": {"tables": str(tables), "target_relative": args.target_relative, "delta": delta,
-                       "test_after": args.test_after,
+                       "test_after": args.test_after, "dropped_shared_stories": dropped,
                        "seeds": args.seeds, "n": {sl: tabs[sl].Q for sl in tabs},
                        "command": " ".join(["python ablate.py", *(sys.argv[1:] if argv is None else argv)]),
                        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",

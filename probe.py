@@ -24,7 +24,8 @@ policy's stored probe, and route.py takes the same state from the drafter's own 
    SVAMP tables (50 questions, 262 steps) one question's text re-tokenizes one token shorter
    from its 4th step on. "mid" = `hidden_states[num_layers // 2]` (output of that decoder
    layer), "last" = the final normed state; an int k = `hidden_states[k]`. Kept as float16.
-2. **The file** (`save_hidden`, `load_hidden`, `hidden_for_table`): a torch.save'd dict
+2. **The file** (`save_hidden`, `load_hidden`, `hidden_for_table`; `hidden_for_records` for
+   records that are not a table's, such as tools/probe_data.py's): a torch.save'd dict
    {"format": FORMAT, "ids", "hidden": {id: [n_steps, n_layers, hidden]}, "question": {id:
    [n_layers, hidden]}, "meta": {"model", "layers", "dtype", "prompt", "table",
    "table_sha256", "keys": {id: sha256 of question and step texts}}}: the sidecar
@@ -190,16 +191,27 @@ def hidden_for_table(table_path, model: str | None = None, out=None, dtype: str 
     """The hidden states of every question of a table, as load_hidden() gives them (ids in
     table order), from the cache file `out` where it is up to date, else computed (only the
     questions it lacks; the model is loaded only then) and written back."""
-    from engine import load_lm
-    from rollout import SYSTEM_PROMPT
     from table import read_table
     records = read_table(table_path, small_only)   # small_only: probe data (no escalations)
     model = model or small_model_of(records, table_path)
     out = Path(out) if out else default_out(table_path)
+    return hidden_for_records(records, model, out, dtype, layers, batch_size, device, source=table_path)
+
+
+def hidden_for_records(records: list, model: str, out, dtype: str = "float32", layers=("mid", "last"),
+                       batch_size: int = 8, device: str = "cpu", source=None, lm=None) -> dict:
+    """hidden_for_table() on records that need not be a table's (tools/probe_data.py's small-only
+    solutions have no escalations, which table.read_table requires): the states of every record,
+    ids in record order, kept in the file `out` (the same format; meta "table" and
+    "table_sha256" name the file `source` the records came from, or are None). Only the records
+    the file lacks, or whose texts changed, are computed, by `lm` (an engine.LM of `model`
+    already loaded) or by `model` loaded here."""
+    from rollout import SYSTEM_PROMPT
     meta = {"model": model, "layers": list(layers), "dtype": dtype, "prompt": SYSTEM_PROMPT,
-            "table": str(table_path),
-            "table_sha256": hashlib.sha256(Path(table_path).read_bytes()).hexdigest(),
+            "table": None if source is None else str(source),
+            "table_sha256": None if source is None else hashlib.sha256(Path(source).read_bytes()).hexdigest(),
             "keys": {r["id"]: record_key(r) for r in records}}
+    out = Path(out)
     try:
         old = load_hidden(out) if out.is_file() else None
     except UsageError:  # a file of an earlier format: computed anew
@@ -210,7 +222,9 @@ def hidden_for_table(table_path, model: str | None = None, out=None, dtype: str 
             if same and old["meta"]["keys"].get(i) == meta["keys"][i]}
     todo = [r for r in records if r["id"] not in kept]
     if todo:
-        lm = load_lm(model, device, dtype)
+        if lm is None:
+            from engine import load_lm
+            lm = load_lm(model, device, dtype)
         kept.update(zip([r["id"] for r in todo], hidden_states(lm, todo, layers, batch_size)))
     ids = [r["id"] for r in records]
     hidden, question = {i: kept[i][1] for i in ids}, {i: kept[i][0] for i in ids}
