@@ -245,10 +245,13 @@ def one_run(args, paths: dict, d: Path, r: float, seed: int, record) -> dict:
     outputs = [ev, ev_dir / "eval.md", ev_dir / "tradeoff.png"]
     if not (fresh(outputs, [paths["test"], paths["calib"], policy, cal]) and e.get("data") == te
             and e.get("policy") == canon(policy) and e.get("calibration") == canon(cal)
-            and e.get("calib_data") == ca and "calibrated" in e):
+            and e.get("calib_data") == ca and "calibrated" in e
+            and e.get("drop_shared_stories") == (tr if args.drop_shared_stories else None)):
         t = time.perf_counter()
         run_stage("evaluate", ["--data", te, "--policy", canon(policy), "--calibration", canon(cal),
-                               "--calib-data", ca, "--out", canon(ev_dir)], d / "evaluate.log", where)
+                               "--calib-data", ca, "--out", canon(ev_dir),
+                               *(["--drop-shared-stories", tr] if args.drop_shared_stories else [])],
+                  d / "evaluate.log", where)
         record.stage("evaluate", time.perf_counter() - t)
         e = read_json(ev)
     return e
@@ -495,6 +498,9 @@ def parse_args(argv=None):
                         "policy, linear; its tables need their states: rollout.py --add-hidden)")
     v.add_argument("--test-table", default="test", metavar="NAME",
                    help="the table measured on, NAME.jsonl in --tables (default test; e.g. check)")
+    v.add_argument("--drop-shared-stories", action="store_true",
+                   help="measure only on the test questions whose story no training question shares "
+                        "(evaluate.py --drop-shared-stories TRAIN)")
     v.add_argument("--results", default="", metavar="SUBDIR",
                    help="where in --tables the committed results of this run are (and --refresh-committed "
                         "writes them): e.g. hidden-state (default: --tables itself)")
@@ -616,7 +622,8 @@ def main(argv=None) -> int:
                 f"python calibrate.py --policy {o}/target-R/seed-s/policy.pt --data {ca} --target-relative R{D} "
                 f"--out {o}/target-R/seed-s/calibration.json",
                 f"python evaluate.py --data {te} --policy {o}/target-R/seed-s/policy.pt --calibration "
-                f"{o}/target-R/seed-s/calibration.json --calib-data {ca} --out {o}/target-R/seed-s/eval"]
+                f"{o}/target-R/seed-s/calibration.json --calib-data {ca} --out {o}/target-R/seed-s/eval"
+                + (f" --drop-shared-stories {tr}" if args.drop_shared_stories else "")]
     (out / "summary.md").write_text(summary_markdown(summary, m, commands, seconds), encoding="utf-8")
     say(f"{plural(len(args.targets) * args.seeds, 'run')} (train, calibrate, evaluate) in {clock(seconds)}; "
         f"wrote {out}/summary.md, summary.json, policy.pt and calibration.json ({summary['deployed']})")

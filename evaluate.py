@@ -397,8 +397,27 @@ def build_parser():
     parser.add_argument("--allow-overlap", action="store_true",
                         help="go on even if the test table shares questions with the policy's training "
                              "table or the calibration table")
+    parser.add_argument("--drop-shared-stories", metavar="TABLE",
+                        help="score only the test questions whose story (data.story_key: the text before "
+                             "the final question sentence, numbers masked) no question of TABLE (e.g. the "
+                             "training table) shares; calibration is unchanged")
     add_pricing_args(parser)
     return parser
+
+
+def unshared(table: Table, path, others_path) -> Table:
+    """--drop-shared-stories: the test table without the questions whose story a question of
+    `others_path` shares (one line saying how many)."""
+    from data import shares_story
+    from table import read_table
+    records = read_table(path)
+    shared = shares_story([r["question"] for r in records], [r["question"] for r in read_table(others_path)])
+    keep = [i for i, s in enumerate(shared) if not s]
+    if not keep:
+        raise UsageError(f"--drop-shared-stories {others_path}: every question of {path} shares a story with it")
+    print(f"--drop-shared-stories: {sum(shared)} of {len(records)} questions of {path} share a story with "
+          f"{others_path} and are left out", file=sys.stderr)
+    return select(table, keep)
 
 
 def prm_policy(args, table: Table, calib):
@@ -446,6 +465,8 @@ def main(argv=None):
         raise UsageError(f"{args.calibration} was made for policy {cal['policy']} "
                          f"(sha256 {cal['policy_sha256'][:12]}...), not for {args.policy}")
     table = load_table(args.data, args, policy)   # with the hidden state, for a policy that reads it
+    if args.drop_shared_stories:
+        table = unshared(table, args.data, args.drop_shared_stories)
     calib = load_table(args.calib_data, args, policy) if args.calib_data else None
     earlier = [(f"{args.policy} (its training questions)", policy.meta.get("question_hashes") if policy else None),
                (f"{args.policy} (its probe data)", policy.meta.get("probe_data_hashes") if policy else None),
@@ -475,7 +496,8 @@ def main(argv=None):
               "data": str(args.data), "n": table.Q, "pool": table.pool, "pricing": asdict(table.pricing),
               "policy": args.policy, "calibration": args.calibration, "calib_data": args.calib_data,
               "large_accuracy": large_acc, "small_accuracy": table.small_correct.mean().item(),
-              "small_relative_cost": small_rc, "methods": {}, "summary": {}}
+              "small_relative_cost": small_rc, "methods": {}, "summary": {},
+              **({"drop_shared_stories": args.drop_shared_stories} if args.drop_shared_stories else {})}
     for name, (knobs, out) in methods.items():
         sc = aggregate(table, out)
         result["methods"][name] = [

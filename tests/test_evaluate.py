@@ -497,3 +497,26 @@ def test_recalibrated_interval_against_a_loop():
     assert got["ci"] == pytest.approx(want, abs=1e-12) and got["resamples"] == n
     assert got["policy_large_alone_share"] == fallback / n
     assert got["ci"][0] < got["ci"][1]   # the draws differ: an interval, not a point
+
+
+def test_drop_shared_stories(tmp_path, capsys):
+    """--drop-shared-stories TABLE scores only the test questions whose story no question of
+    TABLE shares (numbers masked): here the two whose story is a training question's."""
+    import evaluate as ev
+    from synthetic import make_records, write_jsonl
+    train = make_records(6, seed=1)
+    test = make_records(8, seed=2, id_prefix="test")
+    for r in train:
+        r["question"] = "Ann has 3 apples and 2 pears. How many fruits?"
+    test[1]["question"] = "Ann has 7 apples and 9 pears. How many pears?"        # the same story
+    test[4]["question"] = "Ann has 30 apples and 1 pears. What is the total?"     # the same story
+    test[5]["question"] = "Bob has 3 apples and 2 pears. How many fruits?"        # another story
+    tr, te = write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "test.jsonl", test)
+    ev.main(["--data", te, "--out", str(tmp_path / "all"), "--bootstrap", "0"])
+    ev.main(["--data", te, "--out", str(tmp_path / "kept"), "--bootstrap", "0", "--drop-shared-stories", tr])
+    assert "2 of 8 questions" in capsys.readouterr().err
+    kept = json.loads((tmp_path / "kept" / "eval.json").read_text())
+    assert kept["n"] == 6 and kept["drop_shared_stories"] == tr
+    assert "drop_shared_stories" not in json.loads((tmp_path / "all" / "eval.json").read_text())
+    small = [r for i, r in enumerate(test) if i not in (1, 4)]
+    assert kept["small_accuracy"] == pytest.approx(sum(r["small"]["correct"] for r in small) / 6)
