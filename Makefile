@@ -9,7 +9,7 @@
 PYTHON ?= python
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup setup-cpu deps test demo fetch
+.PHONY: setup setup-cpu deps test demo demo-variants fetch
 
 setup:
 	$(PYTHON) -m pip install torch==2.13.0
@@ -31,6 +31,20 @@ test:
 DEMO_ARGS ?=
 demo:
 	$(PYTHON) demo.py $(DEMO_ARGS)
+
+# `make demo-variants`: the method's variants beside it (results/svamp/README.md), each compared
+# with its committed results: the hidden-state policy, with the decision before the first draft,
+# on the test and on the check questions, and without the test questions whose story is in training.
+HIDDEN = --train-args '--hidden-state --hidden'
+BEFORE = --train-args '--hidden-state --before-draft --hidden'
+demo-variants:
+	$(PYTHON) demo.py --no-route $(HIDDEN) --results hidden-state --out runs/demo-hidden-state
+	$(PYTHON) demo.py --no-route $(BEFORE) --results before-draft --out runs/demo-before-draft
+	$(PYTHON) demo.py --no-route --test-table check --results check --out runs/demo-check
+	$(PYTHON) demo.py --no-route $(HIDDEN) --test-table check --results hidden-state-check --out runs/demo-hidden-state-check
+	$(PYTHON) demo.py --no-route $(BEFORE) --test-table check --results before-draft-check --out runs/demo-before-draft-check
+	$(PYTHON) demo.py --no-route --drop-shared-stories --results unshared --out runs/demo-unshared
+	$(PYTHON) demo.py --no-route $(HIDDEN) --drop-shared-stories --results hidden-state-unshared --out runs/demo-hidden-state-unshared
 
 fetch:
 	$(PYTHON) fetch_models.py qwen-coder-0.5b qwen-coder-1.5b
