@@ -366,7 +366,8 @@ def routes(ps: dict) -> str:
 
 
 def print_headline(s: dict) -> None:
-    print(f"\nheadline on {plural(s['tables']['test'], 'test question')} ({s['pool']['small']} -> "
+    n_test = next(iter(s["targets"].values()))["n_test"]   # fewer than the table with --drop-shared-stories
+    print(f"\nheadline on {plural(n_test, 'test question')} ({s['pool']['small']} -> "
           f"{s['pool']['large']}; thresholds chosen on {s['tables']['calib']} calibration questions, "
           f"policy trained on {s['tables']['train']}):")
     for t in s["targets"].values():
